@@ -1,0 +1,1 @@
+"""Environments that score model output for post-training."""

@@ -1,0 +1,60 @@
+import json
+import subprocess
+import sys
+
+from .cases import CORRECT, SCHEMA
+
+
+def run_score(tmp_path, lines, *args):
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "env.text2sql", "score", str(source), *args], capture_output=True, text=True, timeout=120
+    )
+    return done, [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def row(id, prediction, **extra):
+    return json.dumps({"id": id, "schema": SCHEMA, "gold": CORRECT, "prediction": prediction, **extra})
+
+
+def test_one_record_per_line_in_order_and_bad_lines_do_not_stop_the_run(tmp_path):
+    lines = [
+        row("good", f"```sql\n{CORRECT}\n```"),
+        "{not json",
+        json.dumps({"id": "partial", "schema": SCHEMA}),
+        row("tsql", "SELECT TOP 5 name FROM employees WHERE salary > 90 ORDER BY name", dialect="tsql"),
+        "",
+        row("evil", "DROP TABLE employees"),
+        json.dumps(["a", "list"]),
+        json.dumps({"id": 7, "schema": SCHEMA, "gold": CORRECT, "prediction": 3}),
+        row("still-good", CORRECT),
+    ]
+    done, records = run_score(tmp_path, lines)
+    assert done.returncode == 0, done.stderr
+    assert [r["id"] for r in records] == ["good", None, "partial", "tsql", None, "evil", None, 7, "still-good"]
+    assert [r["verdict"] for r in records] == [
+        "match", "invalid_input", "invalid_input", "match", "invalid_input", "forbidden", "invalid_input", "invalid_input", "match",
+    ]
+    for record in records:
+        assert set(record) == {"id", "verdict", "execution_match", "reward", "error"}
+    assert "line 2" in records[1]["error"] and "line 3: missing key(s) gold, prediction" in records[2]["error"]
+    assert records[5]["reward"] < 0 and records[0]["reward"] > 1
+    assert "scored 9 line(s)" in done.stderr
+
+
+def test_in_process_and_custom_reward(tmp_path):
+    reward = tmp_path / "reward.json"
+    reward.write_text(json.dumps({"execution_match": 2.0, "executes": 0.0}))
+    done, records = run_score(tmp_path, [row("a", CORRECT)], "--workers", "0", "--reward", str(reward))
+    assert done.returncode == 0, done.stderr
+    assert records[0]["reward"] == 2.0
+
+
+def test_bad_arguments_get_one_clear_line_not_a_traceback(tmp_path):
+    missing = subprocess.run([sys.executable, "-m", "env.text2sql", "score", str(tmp_path / "nope.jsonl")], capture_output=True, text=True)
+    assert missing.returncode == 2 and missing.stderr.startswith("error:") and "Traceback" not in missing.stderr
+    bad_reward = tmp_path / "r.json"
+    bad_reward.write_text('{"error_penalty": 9}')
+    done, _ = run_score(tmp_path, [row("a", CORRECT)], "--reward", str(bad_reward))
+    assert done.returncode == 2 and "error_penalty" in done.stderr and "Traceback" not in done.stderr

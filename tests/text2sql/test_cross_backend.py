@@ -1,0 +1,79 @@
+"""The same verdicts on SQLite, PostgreSQL and MariaDB for a shared set of cases."""
+
+import pytest
+
+from env.text2sql import Limits, Scorer, Verdict
+
+from .cases import CORRECT, example
+
+POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+MARIADB_URL = "mysql+pymysql://root@127.0.0.1:3306/test"
+
+CASES = [
+    (CORRECT, Verdict.MATCH),
+    ("SELECT e.name FROM employees AS e WHERE e.salary > 90 ORDER BY e.name", Verdict.MATCH),
+    ("SELECT name FROM employees WHERE salary > 90 ORDER BY name DESC", Verdict.MISMATCH),
+    ("SELECT name FROM employees WHERE salary >= 99 ORDER BY name", Verdict.MATCH),
+    ("SELECT name FROM employees WHERE salary > 100 ORDER BY name", Verdict.MISMATCH),
+    ("SELECT name FROM employees WHERE name = 'ada' ORDER BY name", Verdict.MISMATCH),
+    ("SELECT nme FROM employees", Verdict.RUNTIME_ERROR),
+    ("SELECT name FROM missing_table", Verdict.RUNTIME_ERROR),
+    ("SELECT name FROM employees WHERE", Verdict.SYNTAX_ERROR),
+    ("DROP TABLE employees", Verdict.FORBIDDEN),
+    ("DELETE FROM employees", Verdict.FORBIDDEN),
+    ("UPDATE employees SET salary = 0", Verdict.FORBIDDEN),
+    ("INSERT INTO employees VALUES (9, 'Eve', 'x', 1)", Verdict.FORBIDDEN),
+    ("SELECT 1; DROP TABLE employees", Verdict.FORBIDDEN),
+    ("CREATE TABLE copy AS SELECT * FROM employees", Verdict.FORBIDDEN),
+    ("", Verdict.INVALID),
+]
+
+AGGREGATES = [
+    ("SELECT dept, COUNT(*) FROM employees GROUP BY dept", "SELECT COUNT(*), dept FROM employees GROUP BY dept", Verdict.MATCH),
+    ("SELECT AVG(salary) FROM employees", "SELECT SUM(salary) / COUNT(salary) FROM employees", Verdict.MATCH),
+    ("SELECT name FROM employees WHERE dept IS NULL", "SELECT name FROM employees WHERE dept = NULL", Verdict.MISMATCH),
+    (
+        "SELECT e.name, COUNT(p.id) FROM employees e JOIN projects p ON p.owner_id = e.id GROUP BY e.name",
+        "SELECT e.name, COUNT(*) FROM projects p JOIN employees e ON e.id = p.owner_id GROUP BY e.name",
+        Verdict.MATCH,
+    ),
+    (
+        "SELECT name FROM employees WHERE salary > (SELECT AVG(salary) FROM employees) ORDER BY salary DESC",
+        "SELECT name FROM employees WHERE salary > 92 ORDER BY salary DESC",
+        Verdict.MATCH,
+    ),
+]
+
+
+def _backend_or_skip(spec):
+    scorer = Scorer(spec, limits=Limits(timeout_s=2))
+    try:
+        scorer.backend.run(example(), "SELECT 1")
+    except ConnectionError as error:
+        scorer.close()
+        pytest.skip(f"{spec.split('://')[0]} server not reachable: {error}")
+    return scorer
+
+
+@pytest.fixture(scope="module", params=["sqlite", POSTGRES_URL, MARIADB_URL], ids=["sqlite", "postgres", "mariadb"])
+def scorer(request):
+    scorer = _backend_or_skip(request.param)
+    yield scorer
+    scorer.close()
+
+
+@pytest.mark.parametrize(("prediction", "verdict"), CASES)
+def test_shared_cases_get_the_same_verdict(scorer, prediction, verdict):
+    assert scorer.score(example(), prediction).verdict is verdict
+
+
+@pytest.mark.parametrize(("gold", "prediction", "verdict"), AGGREGATES)
+def test_aggregates_and_joins_agree(scorer, gold, prediction, verdict):
+    assert scorer.score(example(gold=gold), prediction).verdict is verdict
+
+
+def test_correct_query_still_matches_after_the_attacks(scorer):
+    for prediction, _ in CASES:
+        scorer.score(example(), prediction)
+    assert scorer.score(example(), CORRECT).verdict is Verdict.MATCH
+    assert scorer.score(example(gold="SELECT COUNT(*) FROM employees"), "SELECT COUNT(*) FROM employees").verdict is Verdict.MATCH
