@@ -85,6 +85,51 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .data import generate
+
+    train, held_out = generate(args.train, args.eval, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, examples in (("train", train), ("eval", held_out)):
+        with open(out / f"{name}.jsonl", "w", encoding="utf-8") as sink:
+            for example in examples:
+                sink.write(json.dumps(example.to_dict()) + "\n")
+    print(f"wrote {len(train)} train and {len(held_out)} eval examples to {out}/", file=sys.stderr)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """Score the generator's gold queries and model-like predictions; print what the verdicts say."""
+    from .data import generate, perturbed_predictions
+
+    _, held_out = generate(0, args.examples, seed=args.seed)
+    predictions = perturbed_predictions(held_out, seed=args.seed, per_example=args.per_example)
+    submissions = [Submission(example, example.gold) for example in held_out]
+    submissions += [Submission(p.example, p.text) for p in predictions]
+    kinds = ["gold"] * len(held_out) + [p.kind for p in predictions]
+    print(f"scoring {len(submissions)} predictions on {len(held_out)} held-out examples with {args.workers} worker(s)...", flush=True)
+    started = time.perf_counter()
+    scores = score_batch(submissions, workers=args.workers)
+    elapsed = time.perf_counter() - started
+
+    table: dict[str, Counter] = {}
+    rewards: dict[str, list[float]] = {}
+    for kind, result in zip(kinds, scores):
+        table.setdefault(kind, Counter())[result.verdict.value] += 1
+        rewards.setdefault(kind, []).append(result.reward)
+    print(f"{'prediction kind':<16}{'n':>6}{'exec acc':>10}{'mean reward':>13}  verdicts")
+    for kind, counts in table.items():
+        n = sum(counts.values())
+        verdicts = ", ".join(f"{verdict} {count}" for verdict, count in counts.most_common())
+        accuracy = counts["match"] / n
+        print(f"{kind:<16}{n:>6}{accuracy:>10.1%}{sum(rewards[kind]) / n:>13.3f}  {verdicts}")
+    print(f"scored {len(scores)} predictions in {elapsed:.2f}s ({len(scores) / elapsed:,.0f}/s, worker start-up included)")
+    gold_ok = table["gold"]["match"] == len(held_out)
+    print("gold queries: all match" if gold_ok else "gold queries: NOT all match; see the table above")
+    return 0 if gold_ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m env.text2sql", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--reward", help="JSON file with RewardConfig weights (default weights otherwise)")
     score.add_argument("--timeout", type=float, default=Limits().timeout_s, help="wall-clock seconds per query")
     score.set_defaults(run=_cmd_score)
+
+    generate = commands.add_parser("generate", help="write a synthetic train/eval dataset as JSONL")
+    generate.add_argument("--train", type=int, default=1000, help="training examples")
+    generate.add_argument("--eval", type=int, default=200, help="held-out examples")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--out", default="data", help="folder for train.jsonl and eval.jsonl")
+    generate.set_defaults(run=_cmd_generate)
+
+    demo = commands.add_parser("demo", help="score gold and model-like predictions on the built-in dataset")
+    demo.add_argument("--examples", type=int, default=300, help="held-out examples to generate")
+    demo.add_argument("--per-example", type=int, default=4, help="model-like predictions per example")
+    demo.add_argument("--workers", type=int, default=2, help="scoring processes")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_cmd_demo)
     return parser
 
 

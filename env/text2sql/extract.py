@@ -27,13 +27,14 @@ def extract_sql(text: str) -> str:
     start at the first line that begins a query and stop at the first blank
     line. Trailing semicolons and whitespace are removed.
     """
-    text = _THINK.sub("", text)
-    turn_end = _TURN_END.search(text)
-    if turn_end and text[: turn_end.start()].strip():
-        text = text[: turn_end.start()]
-    text = _TURN_END.sub("", _TURN_START.sub("", text))
+    if "<" in text:
+        text = _THINK.sub("", text)
+        turn_end = _TURN_END.search(text)
+        if turn_end and text[: turn_end.start()].strip():
+            text = text[: turn_end.start()]
+        text = _TURN_END.sub("", _TURN_START.sub("", text))
 
-    fenced = [(label.lower(), body) for label, body in _FENCE.findall(text)]
+    fenced = [(label.lower(), body) for label, body in _FENCE.findall(text)] if "```" in text else []
     if fenced:
         sql_blocks = [body for label, body in fenced if label in _SQL_FENCE_LABELS]
         candidate = sql_blocks[0] if sql_blocks else fenced[0][1]

@@ -43,6 +43,11 @@ class RewardConfig(BaseModel):
         return self.schema_link > 0 or self.ast_similarity > 0
 
     @property
+    def needs_overlap(self) -> bool:
+        """Whether result-cell overlap is weighted (it costs a pass over every cell)."""
+        return self.result_overlap > 0
+
+    @property
     def floor(self) -> float:
         """The lowest reward any prediction can get: what failures get."""
         return -(self.error_penalty + self.length_penalty)

@@ -16,7 +16,7 @@ import sqlglot
 from sqlglot import exp
 
 from .backends import Backend, Limits, QueryFailed, make_backend, schema_key
-from .compare import NormalRow, cell_overlap, normalize_rows, overlap_f1, results_match
+from .compare import NormalRow, cell_overlap, overlap_f1, results_match
 from .example import Example
 from .extract import extract_sql
 from .gate import is_ordered, node_bag, parse_query, referenced_names, to_dialect
@@ -58,12 +58,31 @@ class Score:
         }
 
 
-@dataclass(frozen=True)
 class _Gold:
-    rows: list[NormalRow]
-    ordered: bool
-    tree: exp.Expr | None
-    error: str | None = None
+    """A gold query's result, and its parse only once something needs it.
+
+    Parsing costs more than running a query, so the ORDER BY decision waits
+    until a prediction's rows match as a multiset and the gold has more than
+    one row; a gold without the word ORDER in it cannot have the clause.
+    """
+
+    def __init__(self, sql: str, dialect: str, rows: list[NormalRow], tree: exp.Expr | None = None) -> None:
+        self.sql = sql
+        self.dialect = dialect
+        self.rows = rows
+        self._tree = tree
+
+    @property
+    def tree(self) -> exp.Expr:
+        if self._tree is None:
+            self._tree = _parse_gold(self.sql, self.dialect)
+        return self._tree
+
+    @property
+    def ordered(self) -> bool:
+        if len(self.rows) < 2 or "order" not in self.sql.lower():
+            return False
+        return is_ordered(self.tree)
 
 
 @dataclass(frozen=True)
@@ -97,14 +116,14 @@ class Scorer:
         self.reward = reward or RewardConfig()
         self.strict_gate = strict_gate
         self.cache_size = cache_size
-        self._gold: dict[tuple[str, str, str], _Gold] = {}
+        self._gold: dict[tuple[str, str, str], _Gold | QueryFailed] = {}
         self._outcomes: OrderedDict[tuple, _Outcome] = OrderedDict()
 
     def score(self, example: Example, prediction: str, *, dialect: str = "sqlite", reward: RewardConfig | None = None) -> Score:
         """Score one raw model output; never raises for anything the model wrote."""
         config = reward or self.reward
         sql = extract_sql(prediction)
-        outcome = self._outcome(example, sql, dialect, config.needs_ast)
+        outcome = self._outcome(example, sql, dialect, config.needs_overlap, config.needs_ast)
         value = compute_reward(outcome.verdict, outcome.credit, len(prediction), config)
         return Score(example.id, outcome.verdict, value, outcome.error, sql)
 
@@ -120,22 +139,22 @@ class Scorer:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _outcome(self, example: Example, sql: str, dialect: str, needs_ast: bool) -> _Outcome:
-        key = (schema_key(example), example.gold, dialect, sql, needs_ast)
+    def _outcome(self, example: Example, sql: str, dialect: str, needs_overlap: bool, needs_ast: bool) -> _Outcome:
+        key = (schema_key(example), example.gold, dialect, sql, needs_overlap, needs_ast)
         cached = self._outcomes.get(key)
         if cached is not None:
             self._outcomes.move_to_end(key)
             return cached
-        outcome = self._evaluate(example, sql, dialect, needs_ast)
+        outcome = self._evaluate(example, sql, dialect, needs_overlap, needs_ast)
         self._outcomes[key] = outcome
         if len(self._outcomes) > self.cache_size:
             self._outcomes.popitem(last=False)
         return outcome
 
-    def _evaluate(self, example: Example, sql: str, dialect: str, needs_ast: bool) -> _Outcome:
+    def _evaluate(self, example: Example, sql: str, dialect: str, needs_overlap: bool, needs_ast: bool) -> _Outcome:
         gold = self._gold_for(example)
-        if gold.error is not None:
-            return _Outcome(Verdict.GOLD_ERROR, gold.error)
+        if isinstance(gold, QueryFailed):
+            return _Outcome(Verdict.GOLD_ERROR, gold.message)
         if "\x00" in sql:
             return _Outcome(Verdict.INVALID, "prediction contains a NUL byte")
         if not sql:
@@ -146,11 +165,17 @@ class Scorer:
         try:
             tree = self._gate(sql, dialect, needs_ast)
             runnable = sql if dialect == self.backend.dialect else to_dialect(tree, self.backend.dialect)
-            rows = normalize_rows(self.backend.run(example, runnable))
+            rows = self.backend.run(example, runnable)
         except QueryFailed as failure:
             return _Outcome(failure.verdict, failure.message)
-        match = results_match(gold.rows, rows, gold.ordered)
-        return _Outcome(Verdict.MATCH if match else Verdict.MISMATCH, None, _credit(gold, rows, tree))
+        try:
+            match = results_match(gold.rows, rows, ordered=False) and (
+                not gold.ordered or results_match(gold.rows, rows, ordered=True)
+            )
+            credit = _credit(gold, rows, tree, needs_overlap)
+        except QueryFailed as failure:
+            return _Outcome(failure.verdict, failure.message)
+        return _Outcome(Verdict.MATCH if match else Verdict.MISMATCH, None, credit)
 
     def _gate(self, sql: str, dialect: str, needs_ast: bool) -> exp.Expr | None:
         """Parse when something needs the tree or the sandbox alone is not the barrier."""
@@ -159,30 +184,39 @@ class Scorer:
             return None
         return parse_query(sql, dialect)
 
-    def _gold_for(self, example: Example) -> _Gold:
+    def _gold_for(self, example: Example) -> _Gold | QueryFailed:
         key = (schema_key(example), example.gold, example.dialect)
         if key not in self._gold:
             self._gold[key] = self._run_gold(example)
         return self._gold[key]
 
-    def _run_gold(self, example: Example) -> _Gold:
+    def _run_gold(self, example: Example) -> _Gold | QueryFailed:
         try:
-            tree = sqlglot.parse_one(example.gold, read=example.dialect)
-        except (sqlglot.errors.ParseError, sqlglot.errors.TokenError, RecursionError) as error:
-            return _Gold([], False, None, f"gold query does not parse: {str(error).splitlines()[0][:200]}")
-        try:
-            sql = example.gold if example.dialect == self.backend.dialect else to_dialect(tree, self.backend.dialect)
-            rows = normalize_rows(self.backend.run(example, sql))
+            if example.dialect == self.backend.dialect:
+                return _Gold(example.gold, example.dialect, self.backend.run(example, example.gold))
+            tree = _parse_gold(example.gold, example.dialect)
+            rows = self.backend.run(example, to_dialect(tree, self.backend.dialect))
+            return _Gold(example.gold, example.dialect, rows, tree)
         except QueryFailed as failure:
-            return _Gold([], False, tree, f"gold query failed ({failure.verdict.value}): {failure.message}")
-        return _Gold(rows, is_ordered(tree), tree)
+            if failure.verdict is Verdict.GOLD_ERROR:
+                return failure
+            return QueryFailed(Verdict.GOLD_ERROR, f"gold query failed ({failure.verdict.value}): {failure.message}")
 
 
-def _credit(gold: _Gold, rows: list[NormalRow], tree: exp.Expr | None) -> Credit:
-    if tree is None or gold.tree is None:
-        return Credit(result_overlap=cell_overlap(gold.rows, rows))
+def _parse_gold(sql: str, dialect: str) -> exp.Expr:
+    try:
+        return sqlglot.parse_one(sql, read=dialect)
+    except (sqlglot.errors.ParseError, sqlglot.errors.TokenError, RecursionError) as error:
+        raise QueryFailed(Verdict.GOLD_ERROR, f"gold query does not parse: {str(error).splitlines()[0][:200]}") from None
+
+
+def _credit(gold: _Gold, rows: list[NormalRow], tree: exp.Expr | None, needs_overlap: bool) -> Credit:
+    """Measure the partial-credit parts that are weighted (a tree means AST parts are)."""
+    overlap = cell_overlap(gold.rows, rows) if needs_overlap else 0.0
+    if tree is None:
+        return Credit(result_overlap=overlap)
     return Credit(
-        result_overlap=cell_overlap(gold.rows, rows),
+        result_overlap=overlap,
         schema_link=overlap_f1(Counter(referenced_names(gold.tree)), Counter(referenced_names(tree))),
         ast_similarity=overlap_f1(node_bag(gold.tree), node_bag(tree)),
     )

@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import lru_cache
 
 from ..example import Example
 from ..verdict import Verdict
 
 Row = tuple
-"""One result row, as the driver returned it (normalised later by compare)."""
+"""One result row of plain cells: None, int, float, str or bytes."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,13 @@ class QueryFailed(Exception):
 
 def schema_key(example: Example) -> str:
     """Content address of an example's database: equal schemas share one build."""
-    source = example.database or f"{example.dialect}\0{example.schema}"
+    return _content_key(example.database, example.dialect, example.schema)
+
+
+@lru_cache(maxsize=4096)
+def _content_key(database: str | None, dialect: str, schema: str) -> str:
+    # Cached because every score asks; Python caches each string's own hash.
+    source = database or f"{dialect}\0{schema}"
     return hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest()[:24]
 
 
@@ -68,7 +75,11 @@ class Backend(ABC):
 
     @abstractmethod
     def run(self, example: Example, sql: str) -> list[Row]:
-        """Run ``sql`` on the example's database; raise :class:`QueryFailed` on failure."""
+        """Run ``sql`` on the example's database; raise :class:`QueryFailed` on failure.
+
+        Rows come back as plain cells (see :data:`Row`), so results from any
+        backend compare alike.
+        """
 
     def close(self) -> None:
         """Release connections; the built databases may stay for reuse."""

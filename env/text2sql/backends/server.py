@@ -22,6 +22,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import PoolProxiedConnection
 from sqlglot import exp
 
+from ..compare import normalize_rows
 from ..example import Example
 from ..verdict import Verdict
 from .base import Backend, Limits, QueryFailed, Row, schema_key
@@ -93,7 +94,7 @@ class ServerBackend(Backend):
             if time.monotonic() - started >= self.limits.timeout_s:
                 # Some interrupted functions (MariaDB's BENCHMARK) return a value, not an error.
                 raise QueryFailed(Verdict.TIMEOUT, f"ran past {self.limits.timeout_s} s")
-            return rows
+            return normalize_rows(rows)
         except QueryFailed:
             conn.invalidate()  # unread rows or changed session state may remain
             raise

@@ -1,0 +1,108 @@
+"""Reward throughput: this environment against a naive scorer, measured in one run.
+
+The naive baseline is what a first implementation does: for every call it
+creates an in-memory SQLite database from the schema script, runs the gold and
+the predicted query, and compares sorted rows. It has no sandbox, so it is
+only given the predictions it can survive (the generator's mix: correct, near
+misses, wrong and non-executing queries).
+
+Ours is measured twice on the same pairs' examples: cold (a fresh scorer,
+so database builds and gold runs are included) and in steady state (the next
+batch of new predictions for the same examples, as in the next training
+step, when databases and gold results are cached).
+
+Run: python benchmarks/reward_throughput.py [--pairs 2000] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import time
+
+import sqlglot
+
+from env.text2sql import Scorer, ScorerSpec, ScoringPool, Submission, extract_sql
+from env.text2sql.data import generate, perturbed_predictions
+from env.text2sql.gate import is_ordered
+
+
+def naive_verdict(schema: str, gold: str, prediction: str) -> str:
+    connection = sqlite3.connect(":memory:")
+    try:
+        connection.executescript(schema)
+        gold_rows = connection.execute(gold).fetchall()
+        try:
+            predicted_rows = connection.execute(extract_sql(prediction)).fetchall()
+        except (sqlite3.Error, sqlite3.Warning, ValueError):
+            return "error"
+        return "match" if sorted(map(repr, gold_rows)) == sorted(map(repr, predicted_rows)) else "mismatch"
+    finally:
+        connection.close()
+
+
+def make_pairs(count: int, seed: int, batch: int = 0) -> list[Submission]:
+    """``count`` predictions, four per example; ``batch`` draws new predictions for the same examples."""
+    _, held_out = generate(0, count // 4 + 1, seed=seed)
+    predictions = perturbed_predictions(held_out, seed=seed + 1000 * batch, per_example=4)
+    return [Submission(p.example, p.text) for p in predictions][:count]
+
+
+def rate(count: int, seconds: float) -> str:
+    return f"{count / seconds:>10,.0f} scores/s  ({seconds:.3f}s)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=2000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    pairs = make_pairs(args.pairs, args.seed)
+    print(f"{len(pairs)} (prediction, gold) pairs over {len({p.example.schema for p in pairs})} schemas")
+
+    started = time.perf_counter()
+    naive = [naive_verdict(p.example.schema, p.example.gold, p.prediction) for p in pairs]
+    naive_s = time.perf_counter() - started
+
+    next_batch = make_pairs(args.pairs, args.seed, batch=1)
+    with Scorer() as scorer:
+        started = time.perf_counter()
+        ours = [scorer.score_submission(p) for p in pairs]
+        ours_s = time.perf_counter() - started
+        started = time.perf_counter()
+        for p in next_batch:
+            scorer.score_submission(p)
+        steady_s = time.perf_counter() - started
+
+    with ScoringPool(ScorerSpec(), workers=args.workers) as pool:
+        started = time.perf_counter()
+        pooled = pool.map(pairs)
+        pooled_s = time.perf_counter() - started
+        started = time.perf_counter()
+        pool.map(next_batch)
+        pooled_steady_s = time.perf_counter() - started
+
+    print(f"naive baseline, 1 process          {rate(len(pairs), naive_s)}")
+    print(f"text2sql, 1 process, cold          {rate(len(pairs), ours_s)}   ratio {naive_s / ours_s:5.1f}x")
+    print(f"text2sql, 1 process, steady        {rate(len(pairs), steady_s)}   ratio {naive_s / steady_s:5.1f}x")
+    print(f"text2sql, {args.workers} workers, cold          {rate(len(pairs), pooled_s)}   ratio {naive_s / pooled_s:5.1f}x")
+    print(f"text2sql, {args.workers} workers, steady        {rate(len(pairs), pooled_steady_s)}   ratio {naive_s / pooled_steady_s:5.1f}x")
+
+    # Verdicts agree wherever the baseline's rules are ours: no ORDER BY in the gold.
+    comparable = disagreements = 0
+    for pair, baseline, result in zip(pairs, naive, ours):
+        if is_ordered(sqlglot.parse_one(pair.example.gold, read="sqlite")):
+            continue
+        comparable += 1
+        mine = result.verdict.value if result.verdict.executed else "error"
+        if mine != baseline:
+            disagreements += 1
+            print(f"  differs: {pair.example.id}: baseline {baseline}, ours {result.verdict.value} ({result.error})")
+    same_pool = sum(a.verdict == b.verdict for a, b in zip(ours, pooled))
+    print(f"verdicts identical on {comparable - disagreements}/{comparable} pairs where the baseline's rules apply")
+    print(f"pooled and in-process verdicts identical on {same_pool}/{len(pairs)} pairs")
+
+
+if __name__ == "__main__":
+    main()
