@@ -77,3 +77,44 @@ def test_correct_query_still_matches_after_the_attacks(scorer):
         scorer.score(example(), prediction)
     assert scorer.score(example(), CORRECT).verdict is Verdict.MATCH
     assert scorer.score(example(gold="SELECT COUNT(*) FROM employees"), "SELECT COUNT(*) FROM employees").verdict is Verdict.MATCH
+
+
+SERVER_ATTACKS = {
+    "postgres": [
+        "SELECT pg_sleep(30)",
+        "WITH d AS (DELETE FROM employees RETURNING *) SELECT * FROM d",
+        "SELECT set_config('search_path', 'public', false)",
+        "SELECT repeat('x', 1000000000)",
+        "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT max(n) FROM r",
+        "COPY employees TO '/tmp/stolen.csv'",
+    ],
+    "mysql": [
+        "SELECT SLEEP(30)",
+        "SELECT BENCHMARK(10000000000, MD5('x'))",
+        "SELECT LOAD_FILE('/etc/passwd')",
+        "SELECT * FROM employees INTO OUTFILE '/tmp/stolen.csv'",
+        "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT max(n) FROM r",
+    ],
+    "sqlite": [],
+}
+PORTABLE_ATTACKS = [
+    "SELECT " + "(" * 20_000 + "1" + ")" * 20_000,
+    "SELECT '" + "x" * 2_000_000 + "'",
+    "SELECT 1;" * 50_000,
+    "SELECT name FROM employees\x00; DROP TABLE employees",
+    "SELECT * FROM employees a, employees b, employees c, employees d, employees e, employees f, employees g, employees h, employees i",
+]
+
+
+def test_attacks_fail_fast_with_the_floor_and_the_database_survives(scorer):
+    import time
+
+    dialect = scorer.backend.dialect
+    for attack in SERVER_ATTACKS[dialect] + PORTABLE_ATTACKS:
+        started = time.monotonic()
+        result = scorer.score(example(), attack, dialect=dialect)
+        assert result.verdict.is_failure, (attack[:60], result)
+        assert result.reward == scorer.reward.floor
+        assert time.monotonic() - started < 5, attack[:60]
+    assert scorer.score(example(gold="SELECT COUNT(*) FROM employees"), "SELECT COUNT(*) FROM employees").verdict is Verdict.MATCH
+    assert scorer.score(example(), CORRECT).verdict is Verdict.MATCH

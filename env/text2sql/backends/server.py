@@ -337,6 +337,10 @@ class MySQLBackend(ServerBackend):
         connection.select_db(name)
         if self._reader.dialect.is_mariadb:
             cur.execute(f"SET SESSION max_statement_time = {self.limits.timeout_s:.3f}")
+            # MariaDB silently truncates recursion at 1000 rounds by default, turning a
+            # runaway CTE (or a legitimately deep one) into a wrong answer; the
+            # statement timeout is the bound instead, as on the other backends.
+            cur.execute("SET SESSION max_recursive_iterations = 4294967295")
         else:
             cur.execute(f"SET SESSION max_execution_time = {max(1, round(self.limits.timeout_s * 1000))}")
         cur.execute("START TRANSACTION READ ONLY")
