@@ -1,0 +1,166 @@
+"""The engine in-process: merging of queued requests, backpressure and unload."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("peft")
+
+from trainer_api.checkpoints import CheckpointStore  # noqa: E402
+from trainer_api.engine import AdamStep, Busy, Engine, EngineLimits, LoraSpec, NotFound  # noqa: E402
+from trainer_api.service import Service, SessionState  # noqa: E402
+from trainer_api.sampling import SampleTask, SamplingSpec  # noqa: E402
+from trainer_api.wire import DatumIn, ForwardBackwardIn  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir, tmp_path_factory):
+    eng = Engine(str(tiny_model_dir), CheckpointStore(tmp_path_factory.mktemp("engine-ckpt")), EngineLimits(max_queue=8, max_snapshots=2))
+    yield eng
+    eng.close()
+
+
+def _req(model_id: str, tokens: list[int], forward_only: bool = False) -> ForwardBackwardIn:
+    ids = np.asarray(tokens, dtype=np.int64)
+    datum = DatumIn(ids[:-1], {"target_tokens": ids[1:], "weights": np.ones(len(ids) - 1, np.float32)})
+    return ForwardBackwardIn(model_id, 0, "cross_entropy", {}, forward_only, [datum])
+
+
+def _hold_worker(engine: Engine) -> threading.Event:
+    """Occupy the worker so that what is submitted next queues up and is drained together."""
+    release = threading.Event()
+    engine._call("hold", lambda: release.wait(10))
+    return release
+
+
+def test_queued_requests_of_one_adapter_share_a_forward_pass(engine):
+    engine.create_model("merge", "s", LoraSpec(rank=4, seed=0), {}).result()
+    sequences = [[2, 10, 11, 12], [2, 20, 21], [2, 30, 31, 32, 33, 34]]
+    alone = [engine.forward_backward(_req("merge", s, forward_only=True)).result() for s in sequences]
+    passes = engine.forward_passes
+    release = _hold_worker(engine)
+    futures = [engine.forward_backward(_req("merge", s, forward_only=True)) for s in sequences]
+    release.set()
+    merged = [f.result() for f in futures]
+    assert engine.forward_passes == passes + 1
+    for a, m in zip(alone, merged):
+        np.testing.assert_allclose(m.outputs[0]["logprobs"], a.outputs[0]["logprobs"], atol=1e-5)
+        assert m.metrics["loss:sum"] == pytest.approx(a.metrics["loss:sum"], rel=1e-5)
+
+
+def test_merged_gradients_equal_sequential_gradients(engine):
+    sequences = [[2, 10, 11, 12], [2, 20, 21, 22, 23]]
+    for name in ("seq", "merged"):
+        engine.create_model(name, "s", LoraSpec(rank=4, seed=1), {}).result()
+    for s in sequences:
+        engine.forward_backward(_req("seq", s)).result()
+    release = _hold_worker(engine)
+    futures = [engine.forward_backward(_req("merged", s)) for s in sequences]
+    release.set()
+    [f.result() for f in futures]
+    step = AdamStep(learning_rate=1e-2)
+    a = engine.optim_step("seq", step).result()
+    b = engine.optim_step("merged", step).result()
+    assert a["grad_norm:mean"] == pytest.approx(b["grad_norm:mean"], rel=1e-4)
+    probe = _req("seq", [2, 10, 11, 12, 13], forward_only=True)
+    out_a = engine.forward_backward(probe).result()
+    out_b = engine.forward_backward(ForwardBackwardIn("merged", 0, "cross_entropy", {}, True, probe.data)).result()
+    np.testing.assert_allclose(out_a.outputs[0]["logprobs"], out_b.outputs[0]["logprobs"], atol=1e-5)
+
+
+def test_a_full_queue_refuses_with_busy(engine):
+    engine.create_model("busy", "s", LoraSpec(rank=2, seed=0), {}).result()
+    release = _hold_worker(engine)
+    accepted = []
+    try:
+        with pytest.raises(Busy, match="queue is full"):
+            for _ in range(20):
+                accepted.append(engine.forward_backward(_req("busy", [2, 3, 4])))
+        # A refused create leaves nothing half-registered, so the SDK's retry can succeed.
+        with pytest.raises(Busy):
+            engine.create_model("late", "s", LoraSpec(rank=2, seed=0), {})
+        with pytest.raises(NotFound):
+            engine.tenant("late")
+    finally:
+        release.set()
+    assert 0 < len(accepted) <= 8
+    assert all(f.result().metrics["loss:sum"] > 0 for f in accepted)
+    assert engine.create_model("late", "s", LoraSpec(rank=2, seed=0), {}).result() == "late"
+
+
+def test_unload_deletes_the_adapter(engine):
+    engine.create_model("gone", "s", LoraSpec(rank=2, seed=0), {}).result()
+    adapter = engine.tenant("gone").adapter
+    assert adapter in engine.peft.peft_config
+    engine.unload("gone").result()
+    assert adapter not in engine.peft.peft_config
+    assert not any(f".{adapter}." in n for n, _ in engine.peft.named_parameters())
+
+
+def test_snapshots_are_bounded_and_named_ones_reload_from_disk(engine):
+    engine.create_model("snaps", "s", LoraSpec(rank=2, seed=0), {}).result()
+    named = engine.save_for_sampler("snaps", "kept", None).result()
+    unnamed = [engine.save_for_sampler("snaps", None, None).result() for _ in range(2)]
+    assert named == "tinker://snaps/sampler_weights/kept" and unnamed[0].startswith("ephemeral:")
+    spec = SamplingSpec(max_tokens=3, seed=0)
+    # Two newer snapshots pushed the named one out of memory: it comes back from disk.
+    first = engine.sample(engine.snapshot(named), SampleTask((2, 3), 1, spec)).result()
+    assert len(first.sequences[0].tokens) == 3
+    with pytest.raises(NotFound, match="were evicted"):
+        engine.snapshot(unnamed[0])
+    assert engine.snapshot(unnamed[1]).lora.rank == 2
+
+
+def test_sessions_without_heartbeats_are_reaped(engine):
+    service = Service(engine)
+    service.sessions["quiet"] = SessionState("quiet", None, None, last_heartbeat=time.time() - 1000)
+    service.sessions["alive"] = SessionState("alive", None, None)
+    engine.create_model("quiet:train:0", "quiet", LoraSpec(rank=2, seed=0), {}).result()
+    service.sessions["quiet"].training_run_ids.append("quiet:train:0")
+    assert service.reap_expired(timeout_seconds=300) == ["quiet"]
+    assert service.sessions["quiet"].finished == "expired" and service.sessions["alive"].finished is None
+    with pytest.raises(NotFound):
+        for _ in range(100):  # the unload is queued on the worker
+            engine.tenant("quiet:train:0")
+            time.sleep(0.02)
+
+
+def test_queued_sample_requests_are_batched_without_changing_results(engine):
+    from trainer_api.engine import BASE_SNAPSHOT
+
+    base = engine.snapshot(BASE_SNAPSHOT)
+    tasks = [
+        SampleTask((2, 10, 11, 12, 13, 14), 2, SamplingSpec(max_tokens=6, seed=1, temperature=0.8), True),
+        SampleTask((2, 20), 1, SamplingSpec(max_tokens=3, seed=2, top_k=5)),
+        SampleTask((2, 30, 31), 3, SamplingSpec(max_tokens=5, temperature=0.0, stop_token_ids=frozenset({7}))),
+    ]
+    alone = [engine.sample(base, t).result() for t in tasks]
+    batches_before = engine.sample_batches
+    release = _hold_worker(engine)
+    futures = [engine.sample(base, t) for t in tasks]
+    release.set()
+    together = [f.result() for f in futures]
+    assert engine.sample_batches == batches_before + 1
+    for a, b in zip(alone, together):
+        assert [s.tokens for s in a.sequences] == [s.tokens for s in b.sequences]
+        assert [s.stop_reason for s in a.sequences] == [s.stop_reason for s in b.sequences]
+        for sa, sb in zip(a.sequences, b.sequences):
+            np.testing.assert_allclose(sa.logprobs, sb.logprobs, atol=1e-5)
+    np.testing.assert_allclose(alone[0].prompt_logprobs[1:], together[0].prompt_logprobs[1:], atol=1e-5)
+    assert together[0].prompt_logprobs[0] is None and together[1].prompt_logprobs is None
+
+
+def test_a_request_cancelled_while_queued_is_skipped_and_the_worker_survives(engine):
+    engine.create_model("cancel", "s", LoraSpec(rank=2, seed=0), {}).result()
+    release = _hold_worker(engine)
+    doomed = engine.forward_backward(_req("cancel", [2, 3, 4]))
+    kept = engine.forward_backward(_req("cancel", [2, 3, 4, 5]))
+    assert doomed.cancel()
+    release.set()
+    assert kept.result().metrics["loss:sum"] > 0
+    assert doomed.cancelled()
+    assert engine.forward_backward(_req("cancel", [2, 3])).result().metrics["loss:sum"] > 0

@@ -1,0 +1,139 @@
+"""Command line: ``serve``, ``make-tiny-model`` and ``compat-report``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Mapping
+
+_STANDARD_LOG_FIELDS = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line, including the ``extra`` fields, so logs can be queried."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        entry.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD_LOG_FIELDS})
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("trainer_api.app").setLevel(max(root.level, logging.INFO))
+
+
+def resolve_api_key(flag: str | None, environ: Mapping[str, str]) -> str | None:
+    """The key to enforce: ``--api-key``, else ``TRAINER_API_KEY``, else none (an open service)."""
+    api_key = flag or environ.get("TRAINER_API_KEY") or None
+    if api_key is not None and not api_key.startswith("tml-"):
+        raise ValueError("the API key must start with 'tml-' (the tinker SDK refuses other keys)")
+    return api_key
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import Service, create_app
+    from .checkpoints import CheckpointStore
+    from .engine import Engine, EngineLimits
+
+    _setup_logging(args.log_level)
+    try:
+        api_key = resolve_api_key(args.api_key, os.environ)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    limits = EngineLimits(
+        max_queue=args.max_queue,
+        max_batch_datums=args.max_batch_datums,
+        max_batch_tokens=args.max_batch_tokens,
+        max_seq_len=args.max_seq_len,
+    )
+    started = time.time()
+    engine = Engine(
+        args.base_model, CheckpointStore(args.checkpoint_root), limits,
+        device=args.device, dtype=args.dtype, model_name=args.model_name,
+    )
+    logging.getLogger("trainer_api").info(
+        "engine ready", extra={"base_model": args.base_model, "device": str(engine.device), "seconds": round(time.time() - started, 2)}
+    )
+    app = create_app(Service(engine, api_key=api_key), session_timeout=args.session_timeout or None)
+    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False)
+    engine.close()
+    return 0
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from .tiny_model import make_tiny_model
+
+    out = make_tiny_model(args.out_dir, hidden_size=args.hidden_size, num_layers=args.num_layers)
+    print(out)
+    return 0
+
+
+def _compat(args: argparse.Namespace) -> int:
+    from .compat import write_report
+
+    supported, total = write_report(Path(args.output), base_model=args.base_model)
+    print(f"{supported}/{total} SDK methods supported; report written to {args.output}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer_api", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the Tinker-compatible training service")
+    serve.add_argument("--base-model", required=True, help="Hugging Face id or local directory")
+    serve.add_argument("--model-name", default=None, help="name clients use for the base model (default: --base-model)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="required X-API-Key (also TRAINER_API_KEY); must start with tml-")
+    serve.add_argument("--checkpoint-root", default=os.environ.get("TRAINER_CHECKPOINT_ROOT", "./trainer_checkpoints"),
+                       help="local directory or fsspec URL for checkpoints (also TRAINER_CHECKPOINT_ROOT)")
+    serve.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    serve.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                       help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
+    serve.add_argument("--max-queue", type=int, default=1024)
+    serve.add_argument("--max-batch-datums", type=int, default=512)
+    serve.add_argument("--max-batch-tokens", type=int, default=65536)
+    serve.add_argument("--max-seq-len", type=int, default=2048)
+    serve.add_argument("--session-timeout", type=float, default=300.0,
+                       help="seconds without a heartbeat before a session's adapters are unloaded (0: never)")
+    serve.add_argument("--log-level", default="INFO")
+    serve.set_defaults(func=_serve)
+
+    tiny = sub.add_parser("make-tiny-model", help="write a tiny random Gemma3 model and tokenizer")
+    tiny.add_argument("out_dir")
+    tiny.add_argument("--hidden-size", type=int, default=64)
+    tiny.add_argument("--num-layers", type=int, default=2)
+    tiny.set_defaults(func=_make_tiny)
+
+    compat = sub.add_parser("compat-report", help="call every public SDK method against a local service")
+    compat.add_argument("--output", default=str(Path(__file__).parent / "COMPATIBILITY.md"))
+    compat.add_argument("--base-model", default=None, help="model dir (default: a fresh tiny model)")
+    compat.set_defaults(func=_compat)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Tinker's built-in losses as pure torch functions over flat per-token tensors.
+
+Every built-in loss is a token-wise *sum* (Tinker reports ``loss:sum``), so a batch
+can be flattened into one vector of target-token log-probabilities: merging the
+requests of several callers into one forward pass then gives exactly the gradients
+the requests would have produced one by one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+
+LOSS_INPUTS: dict[str, tuple[str, ...]] = {
+    "cross_entropy": ("target_tokens", "weights"),
+    "importance_sampling": ("target_tokens", "logprobs", "advantages"),
+    "ppo": ("target_tokens", "logprobs", "advantages"),
+    "cispo": ("target_tokens", "logprobs", "advantages"),
+    "dro": ("target_tokens", "logprobs", "advantages"),
+}
+"""The loss_fn_inputs each loss reads; ``weights`` may be omitted for cross_entropy (all ones).
+``target_tokens`` selects the log-probabilities the loss functions receive."""
+
+LOSS_CONFIG_DEFAULTS: dict[str, dict[str, float]] = {
+    "cross_entropy": {},
+    "importance_sampling": {},
+    "ppo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
+    "cispo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
+    "dro": {"beta": 0.05},
+}
+"""The loss_fn_config keys each loss accepts, with their defaults (ratio bounds, not epsilons)."""
+
+
+class LossConfigError(ValueError):
+    """A loss name, config key or input that the caller got wrong (a user error)."""
+
+
+@dataclass(frozen=True)
+class LossResult:
+    """The scalar to differentiate and the detached per-token loss to report."""
+
+    loss: torch.Tensor
+    elementwise_loss: torch.Tensor
+
+
+def resolve_config(loss_fn: str, config: Mapping[str, float | str] | None) -> dict[str, float]:
+    """Merge ``config`` over the loss's defaults, rejecting unknown names and non-numbers."""
+    if loss_fn not in LOSS_CONFIG_DEFAULTS:
+        raise LossConfigError(
+            f"unsupported loss_fn {loss_fn!r}; supported: {sorted(LOSS_CONFIG_DEFAULTS)}"
+        )
+    resolved = dict(LOSS_CONFIG_DEFAULTS[loss_fn])
+    for key, value in (config or {}).items():
+        if key not in resolved:
+            raise LossConfigError(
+                f"loss_fn_config key {key!r} is not used by {loss_fn!r}; "
+                f"accepted keys: {sorted(resolved) or 'none'}"
+            )
+        if isinstance(value, str) or not isinstance(value, (int, float)):
+            raise LossConfigError(f"loss_fn_config[{key!r}] must be a number, got {value!r}")
+        resolved[key] = float(value)
+    if "clip_low_threshold" in resolved and not (
+        0.0 <= resolved["clip_low_threshold"] <= 1.0 <= resolved["clip_high_threshold"]
+    ):
+        raise LossConfigError(
+            "clip thresholds are bounds on the probability ratio and need "
+            "0 <= clip_low_threshold <= 1 <= clip_high_threshold, got "
+            f"{resolved['clip_low_threshold']} and {resolved['clip_high_threshold']}"
+        )
+    return resolved
+
+
+def cross_entropy(logprobs: torch.Tensor, inputs: Mapping[str, torch.Tensor], cfg: Mapping[str, float]) -> torch.Tensor:
+    """Weighted negative log-likelihood of the target tokens."""
+    weights = inputs.get("weights")
+    if weights is None:
+        weights = torch.ones_like(logprobs)
+    return -(weights * logprobs)
+
+
+def importance_sampling(logprobs: torch.Tensor, inputs: Mapping[str, torch.Tensor], cfg: Mapping[str, float]) -> torch.Tensor:
+    """REINFORCE corrected by the ratio between learner and sampler probabilities."""
+    ratio = torch.exp(logprobs - inputs["logprobs"])
+    return -(ratio * inputs["advantages"])
+
+
+def ppo(logprobs: torch.Tensor, inputs: Mapping[str, torch.Tensor], cfg: Mapping[str, float]) -> torch.Tensor:
+    """Clipped surrogate: the more conservative of the clipped and unclipped objectives."""
+    ratio = torch.exp(logprobs - inputs["logprobs"])
+    clipped = torch.clamp(ratio, cfg["clip_low_threshold"], cfg["clip_high_threshold"])
+    advantages = inputs["advantages"]
+    return -torch.min(ratio * advantages, clipped * advantages)
+
+
+def cispo(logprobs: torch.Tensor, inputs: Mapping[str, torch.Tensor], cfg: Mapping[str, float]) -> torch.Tensor:
+    """Policy gradient weighted by a clipped, stop-gradient importance ratio (CISPO)."""
+    ratio = torch.exp(logprobs - inputs["logprobs"]).detach()
+    clipped = torch.clamp(ratio, cfg["clip_low_threshold"], cfg["clip_high_threshold"])
+    return -(clipped * logprobs * inputs["advantages"])
+
+
+def dro(logprobs: torch.Tensor, inputs: Mapping[str, torch.Tensor], cfg: Mapping[str, float]) -> torch.Tensor:
+    """Direct reward optimisation: policy gradient with a quadratic penalty on the log-ratio."""
+    log_ratio = logprobs - inputs["logprobs"]
+    return -(logprobs * inputs["advantages"] - 0.5 * cfg["beta"] * log_ratio**2)
+
+
+_ELEMENTWISE: dict[str, Callable[[torch.Tensor, Mapping[str, torch.Tensor], Mapping[str, float]], torch.Tensor]] = {
+    "cross_entropy": cross_entropy,
+    "importance_sampling": importance_sampling,
+    "ppo": ppo,
+    "cispo": cispo,
+    "dro": dro,
+}
+
+
+def compute_loss(
+    loss_fn: str,
+    logprobs: torch.Tensor,
+    inputs: Mapping[str, torch.Tensor],
+    config: Mapping[str, float],
+) -> LossResult:
+    """Apply ``loss_fn`` to flat target-token log-probabilities (the sum is what gets differentiated)."""
+    missing = [k for k in LOSS_INPUTS[loss_fn] if k not in inputs and k not in ("target_tokens", "weights")]
+    if missing:
+        raise LossConfigError(f"loss_fn {loss_fn!r} needs loss_fn_inputs {missing}")
+    elementwise = _ELEMENTWISE[loss_fn](logprobs, inputs, config)
+    return LossResult(loss=elementwise.sum(), elementwise_loss=elementwise.detach())
+
+
+def loss_metrics(
+    loss_fn: str,
+    elementwise_loss: torch.Tensor,
+    logprobs: torch.Tensor,
+    inputs: Mapping[str, torch.Tensor],
+) -> dict[str, float]:
+    """Metrics for one request's tokens, keyed ``name:reduction`` as the SDK requires."""
+    metrics = {"loss:sum": float(elementwise_loss.sum())}
+    if loss_fn != "cross_entropy":
+        # Only tokens with an advantage carry loss; prompt positions (advantage 0, sampler
+        # logprob 0 by convention) would drag the ratio towards meaningless values.
+        active = inputs["advantages"] != 0
+        if bool(active.any()):
+            ratio = torch.exp(logprobs.detach()[active] - inputs["logprobs"][active])
+            metrics["importance_ratio:mean"] = float(ratio.mean())
+    return metrics

@@ -1,0 +1,83 @@
+"""Start ``python -m trainer_api serve`` as a child process on a free localhost port.
+
+Tests, the compatibility report and the benchmark all talk to a real server
+process, exactly as a trial would; this is the one place that knows how to
+launch one and wait for it to become healthy.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A localhost TCP port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServiceProcess:
+    """A running service process and how to reach it."""
+
+    proc: subprocess.Popen
+    base_url: str
+    api_key: str | None
+    log_path: Path
+
+    def stop(self) -> None:
+        """Terminate (SIGTERM, then SIGKILL after 15 s) and reap the process."""
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_service(
+    model_dir: str | Path,
+    checkpoint_root: str | Path,
+    log_path: str | Path,
+    api_key: str | None = None,
+    extra_args: tuple[str, ...] = (),
+    timeout: float = 120.0,
+) -> ServiceProcess:
+    """Launch the service and return once ``/api/v1/healthz`` answers (raise with the log if it dies)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "trainer_api", "serve", "--base-model", str(model_dir),
+           "--port", str(port), "--checkpoint-root", str(checkpoint_root), *extra_args]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
+    log_path = Path(log_path)
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, cwd=PACKAGE_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the service exited early:\n{log_path.read_text()}")
+        try:
+            if httpx.get(f"{base_url}/api/v1/healthz", timeout=1).status_code == 200:
+                return ServiceProcess(proc, base_url, api_key, log_path)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"the service did not become healthy in {timeout:.0f} s:\n{log_path.read_text()}")
