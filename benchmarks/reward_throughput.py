@@ -11,13 +11,14 @@ so database builds and gold runs are included) and in steady state (the next
 batch of new predictions for the same examples, as in the next training
 step, when databases and gold results are cached).
 
-Run: python benchmarks/reward_throughput.py [--pairs 2000] [--workers 2]
+Run: python benchmarks/reward_throughput.py [--pairs 2000] [--workers 2] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import sqlite3
+import statistics
 import time
 
 import sqlglot
@@ -57,37 +58,45 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     pairs = make_pairs(args.pairs, args.seed)
     print(f"{len(pairs)} (prediction, gold) pairs over {len({p.example.schema for p in pairs})} schemas")
 
-    started = time.perf_counter()
-    naive = [naive_verdict(p.example.schema, p.example.gold, p.prediction) for p in pairs]
-    naive_s = time.perf_counter() - started
-
     next_batch = make_pairs(args.pairs, args.seed, batch=1)
-    with Scorer() as scorer:
+    timings: dict[str, list[float]] = {"naive": [], "cold": [], "steady": [], "pool cold": [], "pool steady": []}
+    # Rounds alternate the scorers and report medians: this machine's load drifts.
+    for _ in range(args.rounds):
         started = time.perf_counter()
-        ours = [scorer.score_submission(p) for p in pairs]
-        ours_s = time.perf_counter() - started
-        started = time.perf_counter()
-        for p in next_batch:
-            scorer.score_submission(p)
-        steady_s = time.perf_counter() - started
+        naive = [naive_verdict(p.example.schema, p.example.gold, p.prediction) for p in pairs]
+        timings["naive"].append(time.perf_counter() - started)
+        with Scorer() as scorer:
+            started = time.perf_counter()
+            ours = [scorer.score_submission(p) for p in pairs]
+            timings["cold"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            for p in next_batch:
+                scorer.score_submission(p)
+            timings["steady"].append(time.perf_counter() - started)
+        with ScoringPool(ScorerSpec(), workers=args.workers) as pool:
+            started = time.perf_counter()
+            pooled = pool.map(pairs)
+            timings["pool cold"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            pool.map(next_batch)
+            timings["pool steady"].append(time.perf_counter() - started)
 
-    with ScoringPool(ScorerSpec(), workers=args.workers) as pool:
-        started = time.perf_counter()
-        pooled = pool.map(pairs)
-        pooled_s = time.perf_counter() - started
-        started = time.perf_counter()
-        pool.map(next_batch)
-        pooled_steady_s = time.perf_counter() - started
-
+    median = {name: statistics.median(values) for name, values in timings.items()}
+    naive_s = median["naive"]
+    print(f"medians of {args.rounds} rounds:")
     print(f"naive baseline, 1 process          {rate(len(pairs), naive_s)}")
-    print(f"text2sql, 1 process, cold          {rate(len(pairs), ours_s)}   ratio {naive_s / ours_s:5.1f}x")
-    print(f"text2sql, 1 process, steady        {rate(len(pairs), steady_s)}   ratio {naive_s / steady_s:5.1f}x")
-    print(f"text2sql, {args.workers} workers, cold          {rate(len(pairs), pooled_s)}   ratio {naive_s / pooled_s:5.1f}x")
-    print(f"text2sql, {args.workers} workers, steady        {rate(len(pairs), pooled_steady_s)}   ratio {naive_s / pooled_steady_s:5.1f}x")
+    for name, label in (
+        ("cold", "text2sql, 1 process, cold      "),
+        ("steady", "text2sql, 1 process, steady    "),
+        ("pool cold", f"text2sql, {args.workers} workers, cold      "),
+        ("pool steady", f"text2sql, {args.workers} workers, steady    "),
+    ):
+        print(f"{label}    {rate(len(pairs), median[name])}   ratio {naive_s / median[name]:5.1f}x")
 
     # Verdicts agree wherever the baseline's rules are ours: no ORDER BY in the gold.
     comparable = disagreements = 0
