@@ -1,0 +1,184 @@
+"""``autoresearch`` command line: run, status, dashboard, report, best, and the worker's ``trial``.
+
+Every expected failure (a bad study file, a missing study, no completed
+trial) prints one ``error: ...`` line and exits with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+from .spec import SpecError, StudySpec, load_spec
+from .study import Tally
+
+EXIT_USAGE = 2
+
+
+class CommandError(Exception):
+    """An expected failure to report in one line."""
+
+
+def _progress_printer(name: str) -> Callable[[Tally, int], None]:
+    """A live progress line: rewritten in place on a terminal, one line per change otherwise."""
+    last = [""]
+    tty = sys.stderr.isatty()
+
+    def show(state: Tally, budget: int) -> None:
+        best = "-" if state.best is None else f"{state.best:.4f}"
+        line = (f"[{name}] running {state.running}  done {state.settled}/{budget}  complete {state.complete}  "
+                f"pruned {state.pruned}  failed {state.failed}  best {best}")
+        if line != last[0]:
+            print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+            last[0] = line
+
+    return show
+
+
+def _open(spec: StudySpec):  # noqa: ANN202 - optuna.Study
+    from .study import open_study
+
+    sqlite_file = spec.storage_url.removeprefix("sqlite:///")
+    if spec.storage_url.startswith("sqlite:///") and not Path(sqlite_file).exists():
+        raise CommandError(f"study {spec.name!r} has no database at {sqlite_file} yet; start it with `autoresearch run`")
+    try:
+        return open_study(spec)
+    except KeyError:
+        raise CommandError(f"study {spec.name!r} does not exist in {spec.storage_url} yet; start it with `autoresearch run`") from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    spec = load_spec(args.study)
+    if args.dry_run:
+        from .params import distributions
+
+        print(f"study {spec.name}: storage {spec.storage_url}, run folder {spec.run_folder}")
+        print(f"budget {args.n_trials or spec.budget.n_trials} trials, {spec.budget.parallel} in parallel, "
+              f"timeout {spec.budget.timeout_s:g} s; sampler {spec.sampler.type}; pruner {spec.pruner.type}")
+        for name, distribution in distributions(spec).items():
+            print(f"  {name}: {distribution}")
+        spec.load_objective()
+        return 0
+    from .controller import ControllerBusy, run_study
+    from .trainer_service import TrainerStartError
+
+    spec.load_objective()  # a typo in ``objective`` is a one-line error here, not a failure in every worker
+    try:
+        state = run_study(spec, n_trials=args.n_trials, progress=_progress_printer(spec.name))
+    except (ControllerBusy, TrainerStartError) as error:
+        raise CommandError(str(error)) from None
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: running trials were stopped and will be retried by `autoresearch run {args.study}`",
+              file=sys.stderr)
+        return 130
+    print(file=sys.stderr)
+    best = "none" if state.best is None else f"{state.best:.4f}"
+    print(f"study {spec.name}: {state.settled} trials settled, best {best}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .summary import status_document, status_table
+
+    spec = load_spec(args.study)
+    document = status_document(spec, _open(spec))
+    print(json.dumps(document, indent=2, default=str) if args.json else status_table(document))
+    return 0
+
+
+def _best(args: argparse.Namespace) -> int:
+    from .summary import export_best
+
+    spec = load_spec(args.study)
+    try:
+        document = export_best(spec, _open(spec))
+    except LookupError as error:
+        raise CommandError(str(error)) from None
+    text = json.dumps(document, indent=2, default=str)
+    if args.export:
+        Path(args.export).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    spec = load_spec(args.study)
+    out = Path(args.out) if args.out else spec.run_folder / "report"
+    print(write_report(spec, _open(spec), out))
+    return 0
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from optuna.artifacts import FileSystemArtifactStore
+    from optuna_dashboard import run_server
+
+    from .study import make_storage
+
+    spec = load_spec(args.study)
+    _open(spec)
+    spec.artifact_dir.mkdir(parents=True, exist_ok=True)
+    print(f"optuna-dashboard for {spec.name} on http://{args.host}:{args.port}", file=sys.stderr)
+    run_server(make_storage(spec), host=args.host, port=args.port, artifact_store=FileSystemArtifactStore(spec.artifact_dir))
+    return 0
+
+
+def _trial(args: argparse.Namespace) -> int:
+    from .worker import run_worker
+
+    return run_worker(load_spec(args.study), args.trial_number, args.trainer_url)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autoresearch", description="Self-driving text-to-SQL post-training studies.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run (or resume) a study until its budget is spent")
+    run.add_argument("study")
+    run.add_argument("--n-trials", type=int, default=None, help="override the study's budget.n_trials")
+    run.add_argument("--dry-run", action="store_true", help="validate the study file and show the search space")
+    run.set_defaults(func=_run)
+
+    status = sub.add_parser("status", help="show the study's trials")
+    status.add_argument("study")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=_status)
+
+    dashboard = sub.add_parser("dashboard", help="serve optuna-dashboard on the study's storage and artifacts")
+    dashboard.add_argument("study")
+    dashboard.add_argument("--host", default="127.0.0.1")
+    dashboard.add_argument("--port", type=int, default=8080)
+    dashboard.set_defaults(func=_dashboard)
+
+    report = sub.add_parser("report", help="write a Markdown report with plots")
+    report.add_argument("study")
+    report.add_argument("--out", default=None, help="folder (default: <run folder>/report)")
+    report.set_defaults(func=_report)
+
+    best = sub.add_parser("best", help="print (and export) the best trial's parameters")
+    best.add_argument("study")
+    best.add_argument("--export", default=None, metavar="FILE")
+    best.set_defaults(func=_best)
+
+    trial = sub.add_parser("trial", help="worker entry point: run one asked trial")
+    trial.add_argument("--study", required=True)
+    trial.add_argument("--trial-number", type=int, required=True)
+    trial.add_argument("--trainer-url", default=None)
+    trial.set_defaults(func=_trial)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "n_trials", None) is not None and args.n_trials < 1:
+        print("error: --n-trials must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except (SpecError, CommandError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE

@@ -1,0 +1,145 @@
+"""The controller: the one process that owns a study's budget, asks for trials and reaps lost ones.
+
+Only the controller asks (and, through retries, enqueues) trials, so the
+budget cannot be overrun by racing workers. Workers tell. The budget counts
+settled trials (COMPLETE, PRUNED, and FAIL with no retry after it) plus those
+in flight, all read back from storage, so running the controller again after
+a crash or Ctrl-C continues the same study without repeating or losing trials.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import time
+from typing import Callable, Iterator
+
+import optuna
+from optuna.storages import RDBStorage
+
+from .launchers.local import LocalLauncher, LocalWorker, wait_any
+from .params import distributions
+from .reaping import adopt_running, fail_trial, reap_stale
+from .spec import StudySpec
+from .study import Tally, make_storage, open_study, tally
+from .trainer_service import TrainerService, start_trainer
+
+Progress = Callable[[Tally, int], None]
+
+
+@contextlib.contextmanager
+def _trainer(spec: StudySpec) -> Iterator[str | None]:
+    """The training API URL the workers use: started here for ``local``, given, or none."""
+    if spec.training.api == "none":
+        yield None
+    elif spec.training.api != "local":
+        yield spec.training.api
+    else:
+        service: TrainerService = start_trainer(spec)
+        try:
+            yield service.url
+        finally:
+            service.stop()
+
+
+class ControllerBusy(RuntimeError):
+    """Another controller already runs this study from this run folder."""
+
+
+@contextlib.contextmanager
+def _sole_controller(spec: StudySpec) -> Iterator[None]:
+    """Hold an exclusive lock on the run folder: two controllers would both ask trials and overrun the budget.
+
+    The kernel drops the lock when the process dies, however it dies, so a
+    killed controller never blocks the next ``autoresearch run``.
+    """
+    spec.run_folder.mkdir(parents=True, exist_ok=True)
+    with open(spec.run_folder / "controller.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise ControllerBusy(f"another controller (pid {lock.read().strip() or '?'}) is running study "
+                                 f"{spec.name!r} from {spec.run_folder}") from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run_study(spec: StudySpec, *, n_trials: int | None = None, progress: Progress | None = None, poll_s: float = 0.5) -> Tally:
+    """Run trials until ``n_trials`` (default: the spec's budget) are settled; return the final tally.
+
+    SIGTERM is handled like Ctrl-C: workers are stopped and their trials fail
+    with reason ``interrupted`` and are queued again for the next run.
+    """
+    with _sole_controller(spec):
+        return _run(spec, n_trials or spec.budget.n_trials, progress, poll_s)
+
+
+def _run(spec: StudySpec, budget: int, progress: Progress | None, poll_s: float) -> Tally:
+    storage = make_storage(spec)
+    study = open_study(spec, storage, create=True)
+    space = distributions(spec)
+    study_id = storage.get_study_id_from_name(spec.name)
+    adopt_running(study, storage)
+    launcher = LocalLauncher(spec.objective.partition(":")[0])
+    workers: dict[int, LocalWorker] = {}
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        with _trainer(spec) as trainer_url:
+            state, last_look = None, 0.0
+            while True:
+                exited = _reap_finished(study, storage, spec, workers)
+                # Reading every trial back is the controller's main cost: do it when one of our workers
+                # ended, after a launch, or once per heartbeat interval (for trials of other controllers).
+                if state is None or exited or time.monotonic() - last_look > spec.heartbeat.interval_s:
+                    reap_stale(study, storage, spec, owned=set(workers))
+                    state, last_look = tally(study), time.monotonic()
+                    if progress:
+                        progress(state, budget)
+                    free = min(spec.budget.parallel - state.running, budget - state.settled - state.running)
+                    if free <= 0 and state.running == 0:
+                        return state
+                    for _ in range(max(free, 0)):
+                        number = study.ask(space).number
+                        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+                        # A first heartbeat now: should this controller die before the worker beats, the trial still goes stale.
+                        storage.record_heartbeat(trial_id)
+                        log = spec.trial_dir(number) / "worker.log"
+                        workers[trial_id] = launcher.launch(spec.path, number, trial_id, log, trainer_url)
+                        state = None
+                wait_any(workers.values(), poll_s)
+    except KeyboardInterrupt:
+        for worker in workers.values():
+            worker.kill()
+            fail_trial(study, storage, spec, worker.trial_id, "interrupted", retry=True)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _reap_finished(study: optuna.Study, storage: RDBStorage, spec: StudySpec, workers: dict[int, LocalWorker]) -> bool:
+    """Forget workers that exited, failing their trial if they did not tell; kill those past the timeout.
+
+    Returns whether any worker went away.
+    """
+    before = len(workers)
+    for trial_id, worker in list(workers.items()):
+        code = worker.exit_code()
+        if code is None and worker.elapsed() > spec.budget.timeout_s:
+            worker.kill()
+            fail_trial(study, storage, spec, trial_id, f"timeout: killed after {spec.budget.timeout_s:g} s", retry=False)
+        elif code is not None:
+            how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            fail_trial(study, storage, spec, trial_id, f"worker {how} before finishing its trial", retry=True)
+        else:
+            continue
+        del workers[trial_id]
+    return len(workers) < before

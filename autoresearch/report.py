@@ -1,0 +1,93 @@
+"""``autoresearch report``: a Markdown summary of a study with PNG plots, for a pull request or a notebook."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from .plots import pyplot
+from .spec import StudySpec
+from .summary import best_trial, status_document
+
+
+def _history(study: optuna.Study, path: Path) -> None:
+    plt = pyplot()
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    best, running = [], float("-inf")
+    for t in complete:
+        running = max(running, t.value)
+        best.append(running)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.scatter([t.number for t in complete], [t.value for t in complete], s=14, label="trial")
+    ax.step([t.number for t in complete], best, where="post", color="C1", label="best so far")
+    ax.set(xlabel="trial", ylabel="held-out execution accuracy", title="Optimisation history")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _importances(importances: dict[str, float], path: Path) -> None:
+    plt = pyplot()
+    names = list(importances)[::-1]
+    fig, ax = plt.subplots(figsize=(6, 0.4 * len(names) + 1.2))
+    ax.barh(names, [importances[n] for n in names])
+    ax.set(xlabel="importance", title="Parameter importances")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _curves(study: optuna.Study, path: Path, top: int) -> None:
+    plt = pyplot()
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for t in sorted(complete, key=lambda t: t.value, reverse=True)[:top]:
+        steps = sorted(t.intermediate_values)
+        ax.plot(steps, [t.intermediate_values[s] for s in steps], marker="o", label=f"#{t.number}")
+    ax.set(xlabel="RL step", ylabel="held-out execution accuracy", title=f"Learning curves of the best {top} trials")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(spec: StudySpec, study: optuna.Study, out_dir: Path, top: int = 5) -> Path:
+    """Write ``report.md`` and its PNGs into ``out_dir``; return the Markdown file's path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = status_document(spec, study)
+    counts = doc["counts"]
+    lines = [
+        f"# Study `{spec.name}`",
+        "",
+        f"Objective: held-out execution accuracy (maximise). Settled {doc['settled']} of {doc['budget']} trials: "
+        f"{counts['complete']} complete, {counts['pruned']} pruned, {counts['failed']} failed "
+        f"({counts['failed_final']} after their last retry).",
+        "",
+    ]
+    best = best_trial(study)
+    if best is None:
+        lines.append("No trial has completed yet.")
+    else:
+        _history(study, out_dir / "history.png")
+        _curves(study, out_dir / "learning_curves.png", top)
+        lines += [f"## Best trial: #{best.number}, accuracy {best.value:.4f}", "", "| parameter | value |", "| --- | --- |"]
+        lines += [f"| `{k}` | {v} |" for k, v in {**spec.fixed, **best.params}.items()]
+        lines += ["", "## Optimisation history", "", "![history](history.png)", ""]
+        lines += ["## Learning curves", "", "![learning curves](learning_curves.png)", ""]
+        try:
+            importances = optuna.importance.get_param_importances(study)
+        except (RuntimeError, ValueError) as error:
+            lines += ["## Parameter importances", "", f"Not available yet: {error}", ""]
+        else:
+            _importances(importances, out_dir / "importances.png")
+            lines += ["## Parameter importances", "", "![importances](importances.png)", ""]
+    failed = [row for row in doc["trials"] if row["failure_reason"]]
+    if failed:
+        lines += ["## Failed trials", "", "| trial | reason |", "| --- | --- |"]
+        lines += [f"| #{row['number']} | {row['failure_reason']} |" for row in failed]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,308 @@
+"""Study files (``studies/*.toml``) as validated pydantic models.
+
+A study file is the whole contract between a researcher and the controller:
+what to search, which reward knobs may move, how much to spend and where to
+run. Everything is checked up front so that a typo fails in one line that
+names the file and the field, instead of hours later inside a trial.
+"""
+
+from __future__ import annotations
+
+import importlib
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Callable, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from env.text2sql import RewardConfig
+
+OBJECTIVE_METRIC = "eval_execution_accuracy"
+OBJECTIVE_DIRECTION = "maximize"
+DEFAULT_OBJECTIVE = "autoresearch.trial:run_trial"
+REWARD_PREFIX = "reward."
+
+
+class SpecError(ValueError):
+    """A study file that cannot be used; the message is the one line a user sees."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FloatParam(_Strict):
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "FloatParam":
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log-scaled range needs low > 0")
+        if self.log and self.step is not None:
+            raise ValueError("step and log cannot be combined")
+        return self
+
+
+class IntParam(_Strict):
+    type: Literal["int"]
+    low: int
+    high: int
+    log: bool = False
+    step: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "IntParam":
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and (self.low < 1 or self.step != 1):
+            raise ValueError("a log-scaled int range needs low >= 1 and step 1")
+        return self
+
+
+class CategoricalParam(_Strict):
+    type: Literal["categorical"]
+    choices: list[Union[str, int, float, bool]] = Field(min_length=1)
+
+    @field_validator("choices")
+    @classmethod
+    def _distinct(cls, choices: list[Any]) -> list[Any]:
+        if len(set(map(repr, choices))) != len(choices):
+            raise ValueError("choices must be distinct")
+        return choices
+
+
+Param = Annotated[Union[FloatParam, IntParam, CategoricalParam], Field(discriminator="type")]
+
+
+class RewardRange(_Strict):
+    """Bounds for one RewardConfig weight; checked against RewardConfig's own bounds."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "RewardRange":
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log-scaled range needs low > 0")
+        return self
+
+
+class DatasetSpec(_Strict):
+    """Where examples come from: ``synthetic`` (the built-in generator) or anything ``env.text2sql.data.load``
+    reads (a JSONL or Parquet file, a Spider/BIRD folder, a Hugging Face id). Without ``eval_source`` the held-out
+    split is drawn from ``source`` with ``seed``, disjoint from the training split."""
+
+    source: str = "synthetic"
+    eval_source: str | None = None
+    n_train: int = Field(200, ge=1)
+    n_eval: int = Field(50, ge=1)
+    seed: int = 0
+
+
+class TrainingSpec(_Strict):
+    """The Tinker-compatible service: a URL, ``local`` (start one), or ``none`` (objectives that do not train)."""
+
+    api: str = "local"
+    base_model: str = "tiny"
+    api_key: str = "tml-autoresearch-local"
+    device: str | None = None
+    startup_timeout_s: float = Field(300, gt=0)
+
+    @field_validator("api")
+    @classmethod
+    def _api(cls, api: str) -> str:
+        if api not in ("local", "none") and not api.startswith(("http://", "https://")):
+            raise ValueError("must be 'local', 'none' or an http(s):// URL")
+        return api
+
+    @field_validator("api_key")
+    @classmethod
+    def _key(cls, key: str) -> str:
+        if not key.startswith("tml-"):
+            raise ValueError("must start with 'tml-' (the tinker SDK refuses other keys)")
+        return key
+
+
+class BudgetSpec(_Strict):
+    n_trials: int = Field(20, ge=1)
+    parallel: int = Field(1, ge=1)
+    timeout_s: float = Field(3600, gt=0)
+    max_retries: int = Field(2, ge=0)
+
+
+class PrunerSpec(_Strict):
+    type: Literal["none", "median", "hyperband", "wilcoxon"] = "median"
+    n_startup_trials: int = Field(3, ge=0)
+    n_warmup_steps: int = Field(0, ge=0)
+
+
+class SamplerSpec(_Strict):
+    type: Literal["tpe", "random"] = "tpe"
+    seed: int = 0
+    n_startup_trials: int = Field(5, ge=0)
+
+
+class HeartbeatSpec(_Strict):
+    """Worker heartbeats; ``grace_s`` must sit well above the worst stall (a long eval, a GC pause)."""
+
+    interval_s: int = Field(5, ge=1)
+    grace_s: int = Field(60, ge=2)
+
+    @model_validator(mode="after")
+    def _check(self) -> "HeartbeatSpec":
+        if self.grace_s <= self.interval_s:
+            raise ValueError("grace_s must exceed interval_s")
+        return self
+
+
+class StudySpec(_Strict):
+    """One study file, with paths resolved against the file's folder."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    storage: str | None = None
+    run_dir: Path | None = None
+    objective: str = DEFAULT_OBJECTIVE
+    metric: Literal["eval_execution_accuracy"] = OBJECTIVE_METRIC
+    direction: Literal["maximize"] = OBJECTIVE_DIRECTION
+    space: dict[str, Param] = Field(default_factory=dict)
+    fixed: dict[str, Any] = Field(default_factory=dict)
+    reward_space: dict[str, RewardRange] = Field(default_factory=dict)
+    dataset: DatasetSpec = DatasetSpec()
+    training: TrainingSpec = TrainingSpec()
+    budget: BudgetSpec = BudgetSpec()
+    pruner: PrunerSpec = PrunerSpec()
+    sampler: SamplerSpec = SamplerSpec()
+    heartbeat: HeartbeatSpec = HeartbeatSpec()
+    launcher: Literal["local"] = "local"
+    proposer: Literal["none"] = "none"
+
+    _path: Path = PrivateAttr(default=Path("study.toml"))
+
+    @field_validator("metric", "direction", mode="before")
+    @classmethod
+    def _fixed_objective(cls, value: Any) -> Any:
+        if value not in (OBJECTIVE_METRIC, OBJECTIVE_DIRECTION):
+            raise ValueError(
+                f"the objective is fixed (held-out execution accuracy, maximised); {value!r} is not allowed"
+            )
+        return value
+
+    @field_validator("objective")
+    @classmethod
+    def _objective_path(cls, value: str) -> str:
+        module, _, attr = value.partition(":")
+        if not module or not attr:
+            raise ValueError("must look like 'package.module:function'")
+        return value
+
+    @field_validator("reward_space")
+    @classmethod
+    def _reward_bounds(cls, ranges: dict[str, RewardRange]) -> dict[str, RewardRange]:
+        for name, bounds in ranges.items():
+            field = RewardConfig.model_fields.get(name)
+            if field is None:
+                raise ValueError(f"{name!r} is not a RewardConfig weight (known: {', '.join(RewardConfig.model_fields)})")
+            lo = next((m.ge for m in field.metadata if hasattr(m, "ge")), None)
+            hi = next((m.le for m in field.metadata if hasattr(m, "le")), None)
+            if (lo is not None and bounds.low < lo) or (hi is not None and bounds.high > hi):
+                raise ValueError(f"{name}: [{bounds.low}, {bounds.high}] leaves RewardConfig's bounds [{lo}, {hi}]")
+        return ranges
+
+    @model_validator(mode="after")
+    def _no_overlap(self) -> "StudySpec":
+        both = set(self.space) & set(self.fixed)
+        if both:
+            raise ValueError(f"parameter(s) both searched and fixed: {', '.join(sorted(both))}")
+        return self
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def run_folder(self) -> Path:
+        """Where the study database (by default), artifacts and trial folders live."""
+        folder = self.run_dir or Path("runs") / self.name
+        return folder if folder.is_absolute() else (self._path.parent / folder).resolve()
+
+    @property
+    def storage_url(self) -> str:
+        """The SQLAlchemy URL; ``postgresql://`` means the psycopg 3 driver this project installs."""
+        url = self.storage or f"sqlite:///{self.run_folder / 'study.db'}"
+        if url.startswith("postgresql://"):
+            url = "postgresql+psycopg://" + url[len("postgresql://"):]
+        return url
+
+    @property
+    def artifact_dir(self) -> Path:
+        return self.run_folder / "artifacts"
+
+    def trial_dir(self, number: int) -> Path:
+        return self.run_folder / "trials" / f"{number:05d}"
+
+    def load_objective(self) -> Callable[..., Any]:
+        """Import the objective function named by ``objective``."""
+        module, _, attr = self.objective.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as error:
+            raise SpecError(f"{self._path}: objective: cannot import {self.objective!r}: {error}") from None
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    # Pydantic inserts the union member's tag ("float", "int"...) into the path: drop it.
+    parts = [str(p) for p in loc if p not in ("float", "int", "categorical")]
+    return ".".join(parts) or "study"
+
+
+def _resolve_data_paths(data: dict[str, Any], folder: Path) -> None:
+    """Dataset paths are relative to the study file, like the run folder; ids and absolute paths stay as they are."""
+    dataset = data.get("dataset")
+    if not isinstance(dataset, dict):
+        return
+    for key in ("source", "eval_source"):
+        value = dataset.get(key)
+        if isinstance(value, str) and value != "synthetic" and (folder / value).exists():
+            dataset[key] = str((folder / value).resolve())
+
+
+def parse_spec(data: dict[str, Any], path: Path) -> StudySpec:
+    """Validate a parsed TOML document; raise SpecError with every problem on one line."""
+    _resolve_data_paths(data, path.parent)
+    try:
+        spec = StudySpec.model_validate(data)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{_location(issue['loc'])}: {issue['msg'].removeprefix('Value error, ')}" for issue in error.errors()
+        )
+        raise SpecError(f"{path}: {problems}") from None
+    spec._path = path.resolve()
+    if spec.objective == DEFAULT_OBJECTIVE:
+        from .params import check_trial_params
+
+        try:
+            check_trial_params(spec)
+        except ValueError as error:
+            raise SpecError(f"{path}: {error}") from None
+    return spec
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read and validate one study file."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such study file") from None
+    except tomllib.TOMLDecodeError as error:
+        raise SpecError(f"{path}: not valid TOML: {error}") from None
+    return parse_spec(data, path)

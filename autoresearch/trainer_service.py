@@ -1,0 +1,95 @@
+"""Start the study's own training service when ``training.api = "local"``.
+
+The controller talks to ``trainer_api`` over HTTP only (through the tinker
+SDK), so it starts the service as a command, ``python -m trainer_api serve``,
+exactly as a user would; all trials of the study share this one process (one
+base model, one LoRA adapter per trial).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from .spec import StudySpec
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class TrainerStartError(RuntimeError):
+    """The local training service could not be started; the message says where its log is."""
+
+
+@dataclass
+class TrainerService:
+    proc: subprocess.Popen
+    url: str
+
+    def stop(self) -> None:
+        """SIGTERM the service, SIGKILL it if it lingers."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "trainer_api", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+def base_model_path(spec: StudySpec) -> str:
+    """``tiny`` means a small random Gemma written once into the run folder; anything else is an id or directory."""
+    if spec.training.base_model != "tiny":
+        return spec.training.base_model
+    folder = spec.run_folder / "tiny-model"
+    if not (folder / "config.json").exists():
+        made = subprocess.run(_command("make-tiny-model", str(folder)), env=_env(), capture_output=True, text=True)
+        if made.returncode != 0:
+            last = (made.stderr.strip().splitlines() or ["no output"])[-1]
+            raise TrainerStartError(f"python -m trainer_api make-tiny-model failed: {last}")
+    return str(folder)
+
+
+def start_trainer(spec: StudySpec) -> TrainerService:
+    """Start ``python -m trainer_api serve`` on a free port and wait until it answers its health check."""
+    port = _free_port()
+    log_path = spec.run_folder / "trainer.log"
+    cmd = _command("serve", "--base-model", base_model_path(spec), "--port", str(port), "--api-key", spec.training.api_key,
+                   "--checkpoint-root", str(spec.run_folder / "checkpoints"))
+    if spec.training.device:
+        cmd += ["--device", spec.training.device]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())
+    service = TrainerService(proc, f"http://127.0.0.1:{port}")
+    deadline = time.monotonic() + spec.training.startup_timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise TrainerStartError(f"the training service exited with code {proc.returncode}; see {log_path}")
+        try:
+            if httpx.get(f"{service.url}/api/v1/healthz", timeout=1).status_code == 200:
+                return service
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    service.stop()
+    raise TrainerStartError(f"the training service did not answer within {spec.training.startup_timeout_s:.0f} s; see {log_path}")

@@ -1,0 +1,92 @@
+"""The worker: run one asked trial in its own process and tell the study how it ended.
+
+A worker is started by a launcher with a trial number the controller already
+asked for. It heartbeats while the objective runs, so that a controller can
+tell a live worker from a lost one, and it records the trial's outcome itself;
+if it dies before telling, the controller fails and retries the trial.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from types import TracebackType
+from typing import Any, Mapping
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from .params import split_params
+from .spec import StudySpec
+from .study import make_storage, open_study
+
+
+class Heartbeat:
+    """Record the trial's heartbeat every ``interval`` seconds on a daemon thread."""
+
+    def __init__(self, storage: RDBStorage, trial_id: int, interval: float) -> None:
+        self._storage, self._trial_id, self._interval = storage, trial_id, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="heartbeat")
+
+    def _beat(self) -> None:
+        while True:
+            self._storage.record_heartbeat(self._trial_id)
+            if self._stop.wait(self._interval):
+                return
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def objective_value(result: float | Mapping[str, Any]) -> float:
+    """An objective returns the held-out accuracy, or a metrics dict that holds it under ``objective``."""
+    return float(result["objective"] if isinstance(result, Mapping) else result)
+
+
+def run_worker(spec: StudySpec, number: int, trainer_url: str | None = None) -> int:
+    """Run trial ``number`` of the spec's study; return the process exit code (0 unless the objective failed)."""
+    storage = make_storage(spec, schema_checked=True)
+    study = open_study(spec, storage)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(spec.name), number)
+    trial = optuna.Trial(study, trial_id)
+    frozen = storage.get_trial(trial_id)
+    params = {**spec.fixed, **frozen.params}
+    reward = split_params(params)[1]
+    run_dir = spec.trial_dir(number)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for key, value in {
+        "proposer": "sampler",
+        "reward_config": reward.to_dict(),
+        "fixed_params": spec.fixed,
+        "retry_count": len(RetryHeartbeatStaleTrialCallback.retry_history(frozen)),
+        "failure_reason": None,
+        "run_dir": str(run_dir),
+    }.items():
+        trial.set_user_attr(key, value)
+    objective = spec.load_objective()
+    started = time.monotonic()
+    with Heartbeat(storage, trial_id, spec.heartbeat.interval_s):
+        try:
+            result = objective(
+                params, trainer_url=trainer_url, api_key=spec.training.api_key,
+                base_model=None if spec.training.api == "local" else spec.training.base_model,
+                dataset=spec.dataset, run_dir=run_dir, optuna_trial=trial, artifact_dir=spec.artifact_dir,
+            )
+            value, state = objective_value(result), TrialState.COMPLETE
+        except optuna.TrialPruned:
+            value, state = None, TrialState.PRUNED
+        except Exception as error:  # noqa: BLE001 - any objective failure becomes a FAIL with its reason
+            (run_dir / "error.txt").write_text(traceback.format_exc())
+            trial.set_user_attr("failure_reason", f"{type(error).__name__}: {error}")
+            value, state = None, TrialState.FAIL
+        trial.set_user_attr("wall_seconds", round(time.monotonic() - started, 3))
+        study.tell(number, value, state=state)
+    return 1 if state == TrialState.FAIL else 0

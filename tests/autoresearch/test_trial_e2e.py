@@ -1,0 +1,57 @@
+"""End to end: the controller starts ``python -m trainer_api serve`` on a freshly made tiny model, and two
+workers run ``run_trial`` (SFT warm-up, RL steps, held-out evaluation) through the tinker SDK."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+pytest.importorskip("tinker")
+
+from optuna.artifacts import get_all_artifact_meta  # noqa: E402
+
+from autoresearch.cli import main  # noqa: E402
+from autoresearch.spec import load_spec  # noqa: E402
+from autoresearch.study import make_storage  # noqa: E402
+from autoresearch.trial import group_advantages  # noqa: E402
+from tests.autoresearch.helpers import trials  # noqa: E402
+
+TINY = Path(__file__).resolve().parents[2] / "studies" / "text2sql-tiny.toml"
+
+
+def test_group_advantages_are_normalised_within_the_group() -> None:
+    assert group_advantages([1.0, 0.0, 1.0, 0.0]) == [1.0, -1.0, 1.0, -1.0]
+    assert group_advantages([0.3, 0.3]) == [0.0, 0.0]
+
+
+def test_tiny_study_trains_through_the_training_api(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = TINY.read_text()
+    text = re.sub(r"n_trials = \d+", "n_trials = 2", text)
+    text = re.sub(r"\[space\.sft_steps\][^\[]*", "", text) + "\n"
+    text = text.replace("[fixed]\n", "[fixed]\nsft_steps = 1\n").replace("rl_steps = 2", "rl_steps = 1")
+    path = tmp_path / "tiny.toml"
+    path.write_text(text)
+    assert main(["run", str(path)]) == 0
+    spec = load_spec(path)
+    done = trials(path)
+    storage = make_storage(spec)
+    assert [t.state for t in done] == [TrialState.COMPLETE] * 2, [t.user_attrs.get("failure_reason") for t in done]
+    for trial in done:
+        assert 0.0 <= trial.value <= 1.0
+        assert trial.user_attrs["adapter_id"] and trial.user_attrs["checkpoint"].startswith("tinker://")
+        assert set(trial.user_attrs["reward_config"]) >= {"executes", "result_overlap"}
+        assert trial.intermediate_values  # the held-out curve the pruner sees
+        artifacts = get_all_artifact_meta(trial, storage=storage)
+        assert {a.filename for a in artifacts} == {"metrics.jsonl", "learning_curve.png", "predictions.jsonl"}
+        run_dir = spec.trial_dir(trial.number)
+        phases = [json.loads(line)["phase"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert phases == ["sft", "rl", "eval"]
+        assert len((run_dir / "predictions.jsonl").read_text().splitlines()) == spec.dataset.n_eval
+    assert (spec.run_folder / "tiny-model" / "config.json").exists()
+    assert (spec.run_folder / "trainer.log").read_text().count('"model unloaded"') == 2  # adapters are released
