@@ -14,6 +14,7 @@ from typing import Any
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import event
 
 from .spec import StudySpec
 
@@ -37,7 +38,7 @@ def make_storage(spec: StudySpec, *, schema_checked: bool = False) -> RDBStorage
         kwargs = {"connect_args": {"timeout": 60}}
     else:
         kwargs = {"pool_pre_ping": True}
-    return RDBStorage(
+    storage = RDBStorage(
         spec.storage_url,
         engine_kwargs=kwargs,
         heartbeat_interval=spec.heartbeat.interval_s,
@@ -46,6 +47,18 @@ def make_storage(spec: StudySpec, *, schema_checked: bool = False) -> RDBStorage
         skip_compatibility_check=schema_checked,
         skip_table_creation=schema_checked,
     )
+    if spec.storage_url.startswith("sqlite"):
+        event.listen(storage.engine, "connect", _sqlite_for_many_writers)
+        storage.engine.dispose()
+    return storage
+
+
+def _sqlite_for_many_writers(connection: Any, record: Any) -> None:
+    """WAL lets the controller read while workers write; NORMAL sync is still crash-safe in WAL mode."""
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
 
 
 def retry_callback(spec: StudySpec) -> RetryHeartbeatStaleTrialCallback:
