@@ -73,7 +73,11 @@ def write_report(spec: StudySpec, study: optuna.Study, out_dir: Path, top: int =
     else:
         _history(study, out_dir / "history.png")
         _curves(study, out_dir / "learning_curves.png", top)
-        lines += [f"## Best trial: #{best.number}, accuracy {best.value:.4f}", "", "| parameter | value |", "| --- | --- |"]
+        lines += [f"## Best trial: #{best.number}, accuracy {best.value:.4f}", ""]
+        untrained = best.user_attrs.get("untrained_eval_execution_accuracy")
+        if untrained is not None:  # run_trial evaluates the adapter before training too: the baseline to beat
+            lines += [f"Held-out execution accuracy untrained: {untrained:.4f}, best: {best.value:.4f}.", ""]
+        lines += ["| parameter | value |", "| --- | --- |"]
         lines += [f"| `{k}` | {v} |" for k, v in {**spec.fixed, **best.params}.items()]
         lines += ["", "## Optimisation history", "", "![history](history.png)", ""]
         lines += ["## Learning curves", "", "![learning curves](learning_curves.png)", ""]

@@ -32,9 +32,11 @@ def test_group_advantages_are_normalised_within_the_group() -> None:
 
 def test_tiny_study_trains_through_the_training_api(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     text = TINY.read_text()
-    text = re.sub(r"n_trials = \d+", "n_trials = 2", text)
-    text = re.sub(r"\[space\.sft_steps\][^\[]*", "", text) + "\n"
-    text = text.replace("[fixed]\n", "[fixed]\nsft_steps = 1\n").replace("rl_steps = 2", "rl_steps = 1")
+    # the study's own schedule is sized to learn in minutes; here one step of each phase checks the loop
+    for key, value in {"n_trials": 2, "sft_steps": 1, "sft_batch_size": 2, "rl_steps": 1, "prompts_per_step": 2,
+                       "samples_per_prompt": 2, "max_tokens": 24, "n_train": 32, "n_eval": 8}.items():
+        text, found = re.subn(rf"(?m)^{key} = \d+$", f"{key} = {value}", text)
+        assert found == 1, key
     path = tmp_path / "tiny.toml"
     path.write_text(text)
     assert main(["run", str(path)]) == 0
@@ -47,11 +49,14 @@ def test_tiny_study_trains_through_the_training_api(tmp_path: Path, capsys: pyte
         assert trial.user_attrs["adapter_id"] and trial.user_attrs["checkpoint"].startswith("tinker://")
         assert set(trial.user_attrs["reward_config"]) >= {"executes", "result_overlap"}
         assert trial.intermediate_values  # the held-out curve the pruner sees
+        assert 0.0 <= trial.user_attrs["untrained_eval_execution_accuracy"] <= 1.0  # the baseline, before training
         artifacts = get_all_artifact_meta(trial, storage=storage)
         assert {a.filename for a in artifacts} == {"metrics.jsonl", "learning_curve.png", "predictions.jsonl"}
         run_dir = spec.trial_dir(trial.number)
         phases = [json.loads(line)["phase"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        assert phases == ["sft", "rl", "eval"]
+        assert phases == ["untrained", "sft", "rl", "eval"]
         assert len((run_dir / "predictions.jsonl").read_text().splitlines()) == spec.dataset.n_eval
     assert (spec.run_folder / "tiny-model" / "config.json").exists()
+    assert main(["report", str(path)]) == 0
+    assert "Held-out execution accuracy untrained: " in (spec.run_folder / "report" / "report.md").read_text()
     assert (spec.run_folder / "trainer.log").read_text().count('"model unloaded"') == 2  # adapters are released

@@ -40,6 +40,9 @@ def test_cli_writes_a_gemma3_model_and_tokenizer_loadable_with_from_pretrained(t
     assert ids[0] == tokenizer.bos_token_id
     assert len(ids) < len(sql) // 2  # BPE trained on SQL merges common keywords
     assert tokenizer.decode(ids, skip_special_tokens=True) == sql
+    # trained on the synthetic text-to-SQL prompts too: their schema boilerplate is one id a word
+    assert tokenizer.tokenize(" INTEGER PRIMARY KEY, TEXT NOT NULL") == [
+        "ĠINTEGER", "ĠPRIMARY", "ĠKEY", ",", "ĠTEXT", "ĠNOT", "ĠNULL"]
 
     chat = tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "SELECT 1;"}], tokenize=False
