@@ -24,7 +24,7 @@ from .params import distributions
 from .reaping import adopt_running, fail_trial, reap_stale
 from .spec import StudySpec
 from .study import Tally, make_storage, open_study, tally
-from .trainer_service import TrainerService, start_trainer
+from .trainer_service import TrainerService, check_reachable, start_trainer
 
 Progress = Callable[[Tally, int], None]
 
@@ -35,6 +35,7 @@ def _trainer(spec: StudySpec) -> Iterator[str | None]:
     if spec.training.api == "none":
         yield None
     elif spec.training.api != "local":
+        check_reachable(spec.training.api)
         yield spec.training.api
     else:
         service: TrainerService = start_trainer(spec)

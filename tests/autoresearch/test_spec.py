@@ -127,6 +127,22 @@ def test_an_objective_that_does_not_import_is_one_error_line(tmp_path: Path, cap
         f"error: {path.resolve()}: objective: cannot import 'no_such_module:f': No module named 'no_such_module'\n")
 
 
+def test_an_unreachable_training_api_is_one_error_line_before_any_trial(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    path = write(tmp_path, MINIMAL + f'[training]\napi = "{url}"\n')
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: the training API at {url} is not reachable") and err.count("\n") == 1
+    assert main(["status", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["trials"] == []
+
+
 def test_a_file_dataset_splits_without_overlap_relative_to_the_study(tmp_path: Path) -> None:
     train, held_out = generate(30, 0, seed=1)
     (tmp_path / "data").mkdir()
