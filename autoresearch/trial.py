@@ -305,13 +305,16 @@ def run_trial(
         "eval_execution_accuracy": accuracy,
         "untrained_eval_execution_accuracy": untrained,
         "best_eval_execution_accuracy": max(p["eval_execution_accuracy"] for p in points if "eval_execution_accuracy" in p),
+        # The last RL step's mean training reward, kept next to the held-out metric: a reward that rises
+        # while held-out accuracy falls is the mark of reward hacking.
+        "train_reward_mean": next((p["reward_mean"] for p in reversed(points) if "reward_mean" in p), None),
         "adapter_id": policy.training.model_id,
         "checkpoint": checkpoint,
         "reward_config": reward.to_dict(),
         "wall_seconds": round(time.monotonic() - started, 3),
     }
     if optuna_trial is not None:
-        for key in ("adapter_id", "checkpoint", "untrained_eval_execution_accuracy"):
+        for key in ("adapter_id", "checkpoint", "untrained_eval_execution_accuracy", "train_reward_mean"):
             optuna_trial.set_user_attr(key, result[key])
     return result
 

@@ -50,6 +50,8 @@ def test_tiny_study_trains_through_the_training_api(tmp_path: Path, capsys: pyte
         assert set(trial.user_attrs["reward_config"]) >= {"executes", "result_overlap"}
         assert trial.intermediate_values  # the held-out curve the pruner sees
         assert 0.0 <= trial.user_attrs["untrained_eval_execution_accuracy"] <= 1.0  # the baseline, before training
+        rl_rewards = [json.loads(line).get("reward_mean") for line in (spec.trial_dir(trial.number) / "metrics.jsonl").open()]
+        assert trial.user_attrs["train_reward_mean"] == [r for r in rl_rewards if r is not None][-1]
         artifacts = get_all_artifact_meta(trial, storage=storage)
         assert {a.filename for a in artifacts} == {"metrics.jsonl", "learning_curve.png", "predictions.jsonl"}
         run_dir = spec.trial_dir(trial.number)
