@@ -30,7 +30,6 @@ from .futures import FutureStore
 from .losses import LossConfigError
 from .sampling import SampleTask, SamplingSpec
 from .schemas import (
-    AdamBody,
     ClientConfigBody,
     CreateModelBody,
     CreateSamplingSessionBody,
@@ -348,8 +347,7 @@ def create_app(service: Service, session_timeout: float | None = 300.0) -> FastA
     async def optim_step(body: OptimStepBody):
         if body.optimizer_params is not None:
             raise UserError(f"optimizer {body.optimizer_params.get('type')!r} is not supported; send adam_params")
-        params = body.adam_params or AdamBody()
-        future = engine.optim_step(body.model_id, AdamStep(**params.model_dump()))
+        future = engine.optim_step(body.model_id, body.adam_params or AdamStep())
         return service.future_response(future, lambda m: {"metrics": m}, "optim_step", model_id=body.model_id)
 
     @app.post("/api/v1/save_weights")

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .engine import AdamStep
+
 
 class _Body(BaseModel):
     """Request bodies ignore fields they do not know (newer SDKs add some) but type-check the rest."""
@@ -58,19 +60,10 @@ class ModelBody(_Body):
     model_id: str
 
 
-class AdamBody(_Body):
-    learning_rate: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-12
-    weight_decay: float = 0.0
-    grad_clip_norm: float = 0.0
-
-
 class OptimStepBody(_Body):
     model_id: str
     seq_id: int | None = None
-    adam_params: AdamBody | None = None
+    adam_params: AdamStep | None = None  # pydantic type-checks the engine's dataclass; unknown keys are ignored
     optimizer_params: dict[str, Any] | None = None
 
 
