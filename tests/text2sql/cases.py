@@ -1,5 +1,7 @@
 """Shared schema and malicious inputs for the sandbox tests on every backend."""
 
+import sqlite3
+
 from env.text2sql.example import Example
 
 SCHEMA = """
@@ -48,3 +50,13 @@ MALICIOUS_SQLITE = {
     "NUL bytes": "SELECT name FROM employees\x00; DROP TABLE employees",
     "50,000 stacked statements": "SELECT 1;" * 50_000,
 }
+
+
+def sqlite_databases(examples) -> dict[str, sqlite3.Connection]:
+    """One in-memory database per distinct schema script, for checking gold queries directly."""
+    databases: dict[str, sqlite3.Connection] = {}
+    for item in examples:
+        if item.schema not in databases:
+            databases[item.schema] = sqlite3.connect(":memory:")
+            databases[item.schema].executescript(item.schema)
+    return databases

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-import sqlite3
 import time
 from collections import Counter
 
@@ -14,6 +13,8 @@ from sqlglot import exp
 
 from env.text2sql.data import DOMAINS, TEMPLATE_KINDS, generate
 from env.text2sql.data import generator
+
+from .cases import sqlite_databases
 
 
 @pytest.fixture(scope="module")
@@ -25,15 +26,6 @@ def splits():
 def examples(splits):
     train, held_out = splits
     return train + held_out
-
-
-def _databases(examples):
-    databases = {}
-    for example in examples:
-        if example.schema not in databases:
-            databases[example.schema] = sqlite3.connect(":memory:")
-            databases[example.schema].executescript(example.schema)
-    return databases
 
 
 def test_same_seed_gives_identical_output():
@@ -59,7 +51,7 @@ def test_at_least_six_domains_all_used(examples):
 def test_few_schemas_each_with_two_to_four_tables_and_foreign_keys(examples):
     schemas = {example.schema for example in examples}
     assert len(schemas) <= 3 * len(DOMAINS)
-    for schema, connection in _databases(examples).items():
+    for schema, connection in sqlite_databases(examples).items():
         tables = [name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
         assert 2 <= len(tables) <= 4
         assert "FOREIGN KEY" in schema
@@ -88,7 +80,7 @@ def test_every_template_kind_is_present(examples):
 
 
 def test_every_gold_runs_and_returns_a_value(examples):
-    databases = _databases(examples)
+    databases = sqlite_databases(examples)
     for example in examples:
         rows = databases[example.schema].execute(example.gold).fetchall()
         assert any(value is not None for row in rows for value in row), example
@@ -167,7 +159,7 @@ def test_gold_gives_the_same_rows_on_servers(request, server, dialect):
 
     url = request.getfixturevalue(server)
     train, _ = generate(80, 0, seed=11, domains=["retail", "movies"])
-    databases = _databases(train)
+    databases = sqlite_databases(train)
     engine = create_engine(url)
     try:
         with engine.connect() as connection:

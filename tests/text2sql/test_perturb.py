@@ -11,6 +11,9 @@ import pytest
 
 from env.text2sql.data import MIX, PREDICTION_KINDS, Prediction, generate, perturb, perturbed_predictions
 from env.text2sql.example import Example
+from env.text2sql.extract import extract_sql
+
+from .cases import sqlite_databases
 
 
 @pytest.fixture(scope="module")
@@ -21,21 +24,7 @@ def examples():
 
 @pytest.fixture(scope="module")
 def databases(examples):
-    found = {}
-    for example in examples:
-        if example.schema not in found:
-            found[example.schema] = sqlite3.connect(":memory:")
-            found[example.schema].executescript(example.schema)
-    return found
-
-
-def _sql(text: str) -> str:
-    """The query in a dressed prediction (a stand-in for the scorer's extractor)."""
-    text = re.sub(r"<think>.*?</think>", "", text, flags=re.DOTALL)
-    fenced = re.search(r"```sql\n(.*?)\n```", text, flags=re.DOTALL)
-    if fenced:
-        return fenced.group(1)
-    return re.sub(r"^[^\n]*:\n", "", text.strip())
+    return sqlite_databases(examples)
 
 
 def _rows(connection, sql):
@@ -51,7 +40,7 @@ def test_each_kind_behaves_as_labelled_on_sqlite(examples, databases, kind):
         made, text = perturb(example, rng, kind)
         assert made == kind
         try:
-            rows = _rows(connection, _sql(text))
+            rows = _rows(connection, extract_sql(text))
         except sqlite3.Error:
             outcomes["error"] += 1
             continue
@@ -70,9 +59,9 @@ def test_predictions_are_dressed_like_model_output(examples):
     assert any(text.startswith("```sql\n") for text in texts)
     assert any(text.startswith("Here is the query:") for text in texts)
     assert any("<think>" in text for text in texts)
-    assert any(_sql(text).endswith(";") for text in texts)
-    assert any(_sql(text).startswith("select ") for text in texts)
-    assert any("\nFROM" in _sql(text) or "\nfrom" in _sql(text) for text in texts)
+    assert any(re.search(r";\s*(```|$)", text) for text in texts)  # a trailing semicolon, as models write
+    assert any(extract_sql(text).startswith("select ") for text in texts)
+    assert any("\nFROM" in extract_sql(text) or "\nfrom" in extract_sql(text) for text in texts)
 
 
 def test_perturbed_predictions_mix_is_deterministic(examples):
@@ -105,7 +94,7 @@ def test_near_miss_edits():
         for _ in range(30):
             kind, text = perturb(example, rng, "near_miss")
             assert kind == "near_miss"
-            seen.add(_sql(text).rstrip(";"))
+            seen.add(extract_sql(text))
     joined = "\n".join(seen)
     assert re.search(r"MIN\(price\)", joined, flags=re.IGNORECASE)
     assert re.search(r"LIMIT (2|4)\b", joined, flags=re.IGNORECASE)
