@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import optuna
 from optuna.storages import RDBStorage
 
-from .launchers.local import LocalLauncher, LocalWorker, wait_any
+from .launchers import TrialWorker, make_launcher
 from .params import distributions
 from .reaping import adopt_running, fail_trial, reap_stale
 from .spec import StudySpec
@@ -89,9 +89,9 @@ def _run(spec: StudySpec, budget: int, progress: Progress | None, poll_s: float)
     study = open_study(spec, storage, create=True)
     space = distributions(spec)
     study_id = storage.get_study_id_from_name(spec.name)
+    launcher = make_launcher(spec)
+    workers: dict[int, TrialWorker] = launcher.adopt(study)
     adopt_running(study, storage)
-    launcher = LocalLauncher(spec.objective.partition(":")[0])
-    workers: dict[int, LocalWorker] = {}
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         with _trainer(spec) as trainer_url:
@@ -113,10 +113,9 @@ def _run(spec: StudySpec, budget: int, progress: Progress | None, poll_s: float)
                         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
                         # A first heartbeat now: should this controller die before the worker beats, the trial still goes stale.
                         storage.record_heartbeat(trial_id)
-                        log = spec.trial_dir(number) / "worker.log"
-                        workers[trial_id] = launcher.launch(spec.path, number, trial_id, log, trainer_url)
+                        workers[trial_id] = launcher.launch(number, trial_id, trainer_url)
                         state = None
-                wait_any(workers.values(), poll_s)
+                launcher.wait_any(workers.values(), poll_s)
     except KeyboardInterrupt:
         for worker in workers.values():
             worker.kill()
@@ -124,9 +123,10 @@ def _run(spec: StudySpec, budget: int, progress: Progress | None, poll_s: float)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+        launcher.close()
 
 
-def _reap_finished(study: optuna.Study, storage: RDBStorage, spec: StudySpec, workers: dict[int, LocalWorker]) -> bool:
+def _reap_finished(study: optuna.Study, storage: RDBStorage, spec: StudySpec, workers: dict[int, TrialWorker]) -> bool:
     """Forget workers that exited, failing their trial if they did not tell; kill those past the timeout.
 
     Returns whether any worker went away.

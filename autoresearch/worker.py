@@ -63,7 +63,8 @@ def run_worker(spec: StudySpec, number: int, trainer_url: str | None = None) -> 
     run_dir = spec.trial_dir(number)
     run_dir.mkdir(parents=True, exist_ok=True)
     for key, value in {
-        "proposer": "sampler",
+        # A trial the controller enqueued from a proposal already names its proposer.
+        "proposer": frozen.user_attrs.get("proposer", "sampler"),
         "reward_config": reward.to_dict(),
         "fixed_params": spec.fixed,
         "retry_count": len(RetryHeartbeatStaleTrialCallback.retry_history(frozen)),

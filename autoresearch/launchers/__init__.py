@@ -1,1 +1,55 @@
-"""Launchers start one worker process per trial attempt (``local`` now; Kubernetes Jobs later)."""
+"""Launchers start one worker per trial attempt: a local process now, a Kubernetes Job with ``launcher = "kubernetes"``.
+
+The controller sees only these two protocols, so it schedules, times out and
+reaps trials the same way whatever runs them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable, Protocol
+
+if TYPE_CHECKING:
+    import optuna
+
+    from ..spec import StudySpec
+
+
+class TrialWorker(Protocol):
+    """One running attempt of one trial."""
+
+    trial_id: int
+    number: int
+
+    def elapsed(self) -> float:
+        """Seconds since the attempt was launched (the per-trial timeout counts these)."""
+
+    def exit_code(self) -> int | None:
+        """None while running; 0 when the worker ended normally; non-zero (negative for a signal) otherwise."""
+
+    def kill(self) -> None:
+        """Stop the attempt and everything it started; return once it is gone."""
+
+
+class Launcher(Protocol):
+    def launch(self, number: int, trial_id: int, trainer_url: str | None) -> TrialWorker:
+        """Start the worker for trial ``number`` (already asked by the controller)."""
+
+    def adopt(self, study: "optuna.Study") -> dict[int, TrialWorker]:
+        """Workers of RUNNING trials that an earlier controller launched and that still run, by trial id.
+
+        A launcher that cannot find such workers again returns none: their trials
+        then go stale and are retried through the heartbeat table.
+        """
+
+    def wait_any(self, workers: Iterable[TrialWorker], timeout: float) -> None:
+        """Block until some worker may have ended, or ``timeout`` seconds pass."""
+
+    def close(self) -> None:
+        """Release what the launcher holds (connections, servers); running workers are not touched."""
+
+
+def make_launcher(spec: "StudySpec") -> Launcher:
+    """The launcher the study file names."""
+    from .local import LocalLauncher
+
+    return LocalLauncher(spec)

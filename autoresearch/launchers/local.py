@@ -22,8 +22,12 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
-from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
+
+if TYPE_CHECKING:
+    import optuna
+
+    from ..spec import StudySpec
 
 # Optuna imports SQLAlchemy, Alembic and its RDB models lazily, on the first RDBStorage: name them so that the
 # fork server pays for them once instead of every worker (about 1.5 s each on a small machine).
@@ -74,25 +78,33 @@ def _worker_main(study_file: str, number: int, trainer_url: str | None, log_path
 class LocalLauncher:
     """Forks trial workers from one fork server that has the worker code and the objective's module imported."""
 
-    def __init__(self, objective_module: str) -> None:
+    def __init__(self, spec: "StudySpec") -> None:
+        self._spec = spec
         self._context: ForkServerContext = multiprocessing.get_context("forkserver")
-        preload = PRELOAD + [objective_module]
+        objective_module = spec.objective.partition(":")[0]
         importlib.import_module(objective_module)  # fail here, once, rather than in every worker
-        self._context.set_forkserver_preload(preload)
+        self._context.set_forkserver_preload(PRELOAD + [objective_module])
 
-    def launch(self, study_file: Path, number: int, trial_id: int, log_path: Path, trainer_url: str | None) -> LocalWorker:
-        """Start the worker for trial ``number``; its stdout and stderr go to ``log_path``."""
+    def launch(self, number: int, trial_id: int, trainer_url: str | None) -> LocalWorker:
+        """Start the worker for trial ``number``; its stdout and stderr go to the trial folder's ``worker.log``."""
+        log_path = self._spec.trial_dir(number) / "worker.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        proc = self._context.Process(target=_worker_main, args=(str(study_file), number, trainer_url, str(log_path)),
+        proc = self._context.Process(target=_worker_main, args=(str(self._spec.path), number, trainer_url, str(log_path)),
                                      name=f"trial-{number}", daemon=False)
         proc.start()
         return LocalWorker(trial_id, number, proc)
 
+    def adopt(self, study: "optuna.Study") -> dict[int, LocalWorker]:
+        """A local worker left by a killed controller is not our child: its trial is reaped through heartbeats."""
+        return {}
 
-def wait_any(workers: Iterable[LocalWorker], timeout: float) -> None:
-    """Block until some worker exits or ``timeout`` seconds pass, so the controller reacts at once to a finish."""
-    sentinels = [worker.proc.sentinel for worker in workers]
-    if sentinels:
-        multiprocessing.connection.wait(sentinels, timeout)
-    else:
-        time.sleep(timeout)
+    def wait_any(self, workers: Iterable[LocalWorker], timeout: float) -> None:
+        """Block until some worker exits or ``timeout`` seconds pass, so the controller reacts at once to a finish."""
+        sentinels = [worker.proc.sentinel for worker in workers]
+        if sentinels:
+            multiprocessing.connection.wait(sentinels, timeout)
+        else:
+            time.sleep(timeout)
+
+    def close(self) -> None:
+        """The fork server exits on its own with the controller."""
