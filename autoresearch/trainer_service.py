@@ -89,8 +89,9 @@ def start_trainer(spec: StudySpec) -> TrainerService:
     """Start ``python -m trainer_api serve`` on a free port and wait until it answers its health check."""
     port = _free_port()
     log_path = spec.run_folder / "trainer.log"
+    # --exit-with-parent: a controller killed with SIGKILL cannot stop the service, so the service watches for that.
     cmd = _command("serve", "--base-model", base_model_path(spec), "--port", str(port), "--api-key", spec.training.api_key,
-                   "--checkpoint-root", str(spec.run_folder / "checkpoints"))
+                   "--checkpoint-root", str(spec.run_folder / "checkpoints"), "--exit-with-parent")
     if spec.training.device:
         cmd += ["--device", spec.training.device]
     with open(log_path, "ab") as log:

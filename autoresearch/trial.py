@@ -67,6 +67,21 @@ class _Policy:
         self.steps_taken = 0
         self._url, self._api_key = trainer_url, api_key
 
+    def device_usage(self) -> dict[str, Any]:
+        """``device`` (cpu, cuda) and ``device_seconds`` spent on this adapter (training, and sampling its weights).
+
+        Our service's own route (the SDK has none); another Tinker-compatible
+        service may lack it, and then both are None; so are they when the service
+        cannot be asked (this runs while a failure is being handled).
+        """
+        try:
+            response = httpx.get(f"{self._url}/api/v1/training_runs/{self.training.model_id}/device_usage",
+                                 headers={"X-API-Key": self._api_key}, timeout=30)
+        except httpx.HTTPError:
+            return {"device": None, "device_seconds": None}
+        found = response.json() if response.status_code == 200 else {}
+        return {"device": found.get("device"), "device_seconds": found.get("device_seconds")}
+
     def release(self) -> None:
         """Unload the adapter and its optimizer state from the shared service (its saved checkpoint stays).
 
@@ -294,6 +309,10 @@ def run_trial(
         accuracy = evaluate(hp.rl_steps, final=True)
         checkpoint = policy.training.save_weights_for_sampler(f"final-{run_dir.name}").result().path
     finally:
+        usage = policy.device_usage()
+        if optuna_trial is not None:  # a pruned or failed trial cost device time too
+            for key, value in usage.items():
+                optuna_trial.set_user_attr(key, value)
         policy.release()
         metrics_file.close()
         if points:
@@ -312,6 +331,7 @@ def run_trial(
         "checkpoint": checkpoint,
         "reward_config": reward.to_dict(),
         "wall_seconds": round(time.monotonic() - started, 3),
+        **usage,
     }
     if optuna_trial is not None:
         for key in ("adapter_id", "checkpoint", "untrained_eval_execution_accuracy", "train_reward_mean"):

@@ -4,6 +4,9 @@ A worker is started by a launcher with a trial number the controller already
 asked for. It heartbeats while the objective runs, so that a controller can
 tell a live worker from a lost one, and it records the trial's outcome itself;
 if it dies before telling, the controller fails and retries the trial.
+
+A launcher may open the study before it knows the trial (:func:`open_worker_study`),
+so that this part of a worker's start-up is off the controller's path.
 """
 
 from __future__ import annotations
@@ -11,16 +14,24 @@ from __future__ import annotations
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Mapping
 
 import optuna
+import optuna.storages._rdb.models
+import sqlalchemy.orm
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from .hacking import reward_hacking
 from .params import split_params
 from .spec import StudySpec
 from .study import make_storage, open_study
+
+# Configured here, once, rather than by the first query of every worker (about 30 ms each): a fork server that
+# imports this module hands configured ORM mappers to each worker it forks.
+sqlalchemy.orm.configure_mappers()
 
 
 class Heartbeat:
@@ -51,10 +62,23 @@ def objective_value(result: float | Mapping[str, Any]) -> float:
     return float(result["objective"] if isinstance(result, Mapping) else result)
 
 
-def run_worker(spec: StudySpec, number: int, trainer_url: str | None = None) -> int:
-    """Run trial ``number`` of the spec's study; return the process exit code (0 unless the objective failed)."""
+@dataclass(frozen=True)
+class OpenedStudy:
+    """A worker's storage and study, which need no trial number."""
+
+    storage: RDBStorage
+    study: optuna.Study
+
+
+def open_worker_study(spec: StudySpec) -> OpenedStudy:
     storage = make_storage(spec, schema_checked=True)
-    study = open_study(spec, storage)
+    return OpenedStudy(storage, open_study(spec, storage))
+
+
+def run_worker(spec: StudySpec, number: int, trainer_url: str | None = None, opened: OpenedStudy | None = None) -> int:
+    """Run trial ``number`` of the spec's study; return the process exit code (0 unless the objective failed)."""
+    opened = opened or open_worker_study(spec)
+    storage, study = opened.storage, opened.study
     trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(spec.name), number)
     trial = optuna.Trial(study, trial_id)
     frozen = storage.get_trial(trial_id)
@@ -89,5 +113,7 @@ def run_worker(spec: StudySpec, number: int, trainer_url: str | None = None) -> 
             trial.set_user_attr("failure_reason", f"{type(error).__name__}: {error}")
             value, state = None, TrialState.FAIL
         trial.set_user_attr("wall_seconds", round(time.monotonic() - started, 3))
+        if state != TrialState.FAIL:  # the evidence, or None: shown in optuna-dashboard and the report
+            trial.set_user_attr("reward_hacking", reward_hacking(storage.get_trial(trial_id)))
         study.tell(number, value, state=state)
     return 1 if state == TrialState.FAIL else 0

@@ -6,7 +6,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Mapping
@@ -47,6 +49,24 @@ def resolve_api_key(flag: str | None, environ: Mapping[str, str]) -> str | None:
     return api_key
 
 
+def exit_with_parent(poll_s: float = 0.5) -> None:
+    """SIGTERM this process (uvicorn's clean shutdown) once the process that started it is gone.
+
+    A controller killed with SIGKILL cannot stop the service it started, which
+    would keep its port, memory and GPU. The parent pid changes when the parent
+    dies (the orphan is re-parented); polling it works on Linux and macOS alike.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        logging.getLogger("trainer_api").warning("parent process gone; shutting down", extra={"parent_pid": parent})
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -55,6 +75,8 @@ def _serve(args: argparse.Namespace) -> int:
     from .engine import Engine, EngineLimits
 
     _setup_logging(args.log_level)
+    if args.exit_with_parent:
+        exit_with_parent()  # before loading the model, which can take minutes
     try:
         api_key = resolve_api_key(args.api_key, os.environ)
     except ValueError as exc:
@@ -118,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--session-timeout", type=float, default=300.0,
                        help="seconds without a heartbeat before a session's adapters are unloaded (0: never)")
     serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--exit-with-parent", action="store_true",
+                       help="shut down when the process that started the service exits, however it exits")
     serve.set_defaults(func=_serve)
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random Gemma3 model and tokenizer")

@@ -512,6 +512,11 @@ def create_app(service: Service, session_timeout: float | None = 300.0) -> FastA
             raise NotFound(f"unknown training run {model_id!r}")
         return {"checkpoints": engine.store.list(model_id)}
 
+    @app.get("/api/v1/training_runs/{model_id}/device_usage")
+    def device_usage(model_id: str):
+        """Not in Tinker: what a training run cost on the device, for a study to record next to its result."""
+        return {"training_run_id": model_id, "device": engine.device.type, "device_seconds": engine.device_seconds(model_id)}
+
     @app.delete("/api/v1/training_runs/{model_id}/checkpoints/{kind}/{name}")
     def delete_checkpoint(model_id: str, kind: str, name: str):
         engine.store.delete(checkpoint_ref(model_id, kind, name))

@@ -27,7 +27,7 @@ from collections import OrderedDict, deque
 from concurrent.futures import Future
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from .sampling import SampleTask, generate
 from .wire import ForwardBackwardIn, ForwardBackwardOut, SampleOut
 
 log = logging.getLogger("trainer_api.engine")
+T = TypeVar("T")
 
 _ATTN_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 _MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]
@@ -131,6 +132,8 @@ class Snapshot:
     snapshot_id: str
     lora: LoraSpec | None
     adapter: dict[str, torch.Tensor] | None
+    owner: str | None = None
+    """The training run whose weights these are: its device seconds pay for sampling them."""
 
 
 @dataclass
@@ -232,6 +235,7 @@ class Engine:
         self.sample_batches = 0
         self.sample_requests = 0
         self._token_window: deque[tuple[float, int]] = deque()
+        self._device_seconds: dict[str, float] = {}
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name="trainer-engine", daemon=True)
         self._worker.start()
@@ -366,7 +370,7 @@ class Engine:
         tenant = self.tenant(model_id)
         if step.learning_rate < 0 or not 0 <= step.beta1 < 1 or not 0 <= step.beta2 < 1 or step.eps <= 0:
             raise UserError(f"invalid Adam parameters {step}")
-        return self._call(model_id, lambda: self._optim_step(tenant, step))
+        return self._call(model_id, lambda: self._metered_call(model_id, self._optim_step, tenant, step))
 
     def save_state(
         self, model_id: str, name: str, overwrite: bool, user_metadata: dict | None, ttl_seconds: int | None = None
@@ -404,7 +408,7 @@ class Engine:
         def run() -> str:
             adapter = self._adapter_state(tenant)
             path = self._save(tenant, ref, False, True, user_metadata, ttl_seconds, adapter) if ref else None
-            snap = Snapshot(uuid.uuid4().hex, tenant.lora, adapter)
+            snap = Snapshot(uuid.uuid4().hex, tenant.lora, adapter, owner=tenant.model_id)
             key = path or f"ephemeral:{snap.snapshot_id}"
             self._remember(key, snap)
             return key
@@ -463,7 +467,7 @@ class Engine:
                 "snapshots stay in memory; save_weights_for_sampler(name) keeps them on disk"
             )
         loaded = self._load_checkpoint(key, with_optimizer=False)
-        snap = Snapshot(uuid.uuid4().hex, LoraSpec(**loaded.meta["lora"]), loaded.adapter)
+        snap = Snapshot(uuid.uuid4().hex, LoraSpec(**loaded.meta["lora"]), loaded.adapter, owner=parse_path(key).model_id)
         self._remember(key, snap)
         return snap
 
@@ -498,6 +502,31 @@ class Engine:
 
     def queue_depth(self) -> int:
         return self._queue.qsize()
+
+    def device_seconds_by_run(self) -> dict[str, float]:
+        """Seconds the worker spent computing for each training run (forward-backward, optimizer steps, sampling
+        its weights); kept after a model is unloaded, so a trial can read its cost at any time."""
+        with self._lock:
+            return dict(self._device_seconds)
+
+    def device_seconds(self, model_id: str) -> float:
+        """``model_id``'s entry of :meth:`device_seconds_by_run`: 0 for a run that computed nothing yet."""
+        seconds = self.device_seconds_by_run().get(model_id)
+        if seconds is None and self.store.read_run(model_id) is None:
+            raise NotFound(f"unknown training run {model_id!r}")
+        return seconds or 0.0
+
+    def _metered_call(self, model_id: str | None, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``, its time charged to ``model_id``; on CUDA it waits for the kernels, so the time is theirs."""
+        started = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            if model_id is not None:
+                with self._lock:
+                    self._device_seconds[model_id] = self._device_seconds.get(model_id, 0.0) + time.perf_counter() - started
 
     def tokens_per_second(self, window: float = 60.0) -> float:
         now = time.time()
@@ -552,7 +581,8 @@ class Engine:
                 ):
                     batch.append(nxt)
                     rows += nxt.sample[1].num_samples
-                self._settle_batch(batch, lambda: self._sample(job.sample[0], [b.sample[1] for b in batch]))
+                snap, tasks = job.sample[0], [b.sample[1] for b in batch]
+                self._settle_batch(batch, lambda: self._metered_call(snap.owner, self._sample, snap, tasks))
                 i += len(batch)
                 continue
             if job.fwd is None:
@@ -570,7 +600,8 @@ class Engine:
             ):
                 batch.append(nxt)
                 tokens += nxt.tokens
-            self._settle_batch(batch, lambda: self._forward_backward([b.fwd for b in batch]))
+            reqs = [b.fwd for b in batch]
+            self._settle_batch(batch, lambda: self._metered_call(job.fwd.model_id, self._forward_backward, reqs))
             i += len(batch)
 
     @staticmethod

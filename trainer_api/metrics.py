@@ -58,6 +58,14 @@ def render(engine: Engine, requests: Counter[tuple[str, int]], pending_futures: 
     for tenant in engine.tenants():
         lines.append(f'trainer_tenant_tokens_total{{model_id="{_label(tenant.model_id)}"}} {tenant.tokens}')
     lines += [
+        "# HELP trainer_tenant_device_seconds_total Seconds of device compute per tenant (training and sampling its weights).",
+        "# TYPE trainer_tenant_device_seconds_total counter",
+    ]
+    seconds = engine.device_seconds_by_run()
+    for tenant in engine.tenants():
+        lines.append(f'trainer_tenant_device_seconds_total{{model_id="{_label(tenant.model_id)}"}} '
+                     f'{seconds.get(tenant.model_id, 0.0):.6f}')
+    lines += [
         "# HELP trainer_http_requests_total HTTP requests by route and status.",
         "# TYPE trainer_http_requests_total counter",
     ]

@@ -45,3 +45,13 @@ def prunable(params: dict[str, Any], *, optuna_trial: optuna.Trial, **_: Any) ->
         if optuna_trial.should_prune():
             raise optuna.TrialPruned()
     return params["x"]
+
+
+def reward_rises_held_out_falls(params: dict[str, Any], *, run_dir: Path, **_: Any) -> float:
+    """Write the learning curves of a reward-hacked trial (as run_trial would) when ``x`` > 0.5, honest ones otherwise."""
+    hacked = params["x"] > 0.5
+    points = [{"phase": "rl", "step": 0, "reward_mean": 0.2}, {"phase": "eval", "step": 0, "eval_execution_accuracy": 0.5},
+              {"phase": "rl", "step": 1, "reward_mean": 0.9},
+              {"phase": "eval", "step": 1, "eval_execution_accuracy": 0.3 if hacked else 0.6}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(p) + "\n" for p in points))
+    return params["x"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 from pathlib import Path
@@ -36,6 +37,13 @@ def test_parallel_trials_overlap(study_file: StudyFactory) -> None:
     assert most >= 2
     assert all(t.user_attrs["proposer"] == "sampler" and t.user_attrs["wall_seconds"] >= 1.4 for t in trials(path))
     assert all(t.intermediate_values for t in trials(path))
+
+
+def test_no_worker_process_outlives_the_study(study_file: StudyFactory) -> None:
+    path = study_file(n_trials=3, parallel=2)
+    assert run_study(load_spec(path), poll_s=0.05).complete == 3
+    # The launcher keeps spare workers forked while it waits; once the study ends they must be gone too.
+    assert multiprocessing.active_children() == []
 
 
 def test_a_raising_trial_fails_with_its_reason_and_the_study_goes_on(study_file: StudyFactory) -> None:
@@ -85,11 +93,16 @@ def test_a_killed_worker_is_retried_and_the_study_completes(study_file: StudyFac
     assert sum(t.state == TrialState.COMPLETE for t in done) == 6 and len(done) == 7
 
 
-def test_a_killed_controller_resumes_without_losing_or_repeating_trials(study_file: StudyFactory) -> None:
-    path = study_file(n_trials=5, parallel=2, sleep=1.5)
+@pytest.mark.parametrize("storage", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_a_killed_controller_resumes_without_losing_or_repeating_trials(
+    study_file: StudyFactory, storage: str, request: pytest.FixtureRequest
+) -> None:
+    url = request.getfixturevalue("postgres_url") if storage == "postgresql" else None
+    path = study_file(n_trials=8, parallel=4, sleep=1.5, storage=url)
     controller = start_controller(path)
     try:
-        wait_for(lambda: sum(t.state == TrialState.COMPLETE for t in trials(path)) >= 1, 60, "a first complete trial")
+        # A fifth trial is asked once the first four finished: the kill lands with the second wave in flight.
+        wait_for(lambda: len(trials(path)) > 4, 60, "a second wave of trials")
         controller.send_signal(signal.SIGKILL)
         controller.wait()
     finally:
@@ -97,12 +110,21 @@ def test_a_killed_controller_resumes_without_losing_or_repeating_trials(study_fi
     before = {t.number: t.state for t in trials(path)}
     state = run_study(load_spec(path), poll_s=0.05)
     after = trials(path)
-    assert state.settled == 5 and state.running == 0
-    assert sum(t.state == TrialState.COMPLETE for t in after) == 5
+    assert state.settled == 8 and state.running == 0
+    assert [t.number for t in after] == list(range(len(after)))
     # Orphaned workers finish their own trials; only one asked but never launched (the kill can land between
-    # the two) fails, as lost, and is retried.
+    # the two) fails, as lost, and is retried with the parameters it had (the kill can even land mid-ask, before
+    # all were sampled: the retry samples the rest).
     lost = [t for t in after if t.state == TrialState.FAIL]
     assert all(t.user_attrs["failure_reason"].startswith("worker lost") for t in lost) and len(lost) <= 1
+    retries = {t.system_attrs["failed_trial"]: t for t in after if "failed_trial" in t.system_attrs}
+    assert sorted(retries) == [t.number for t in lost]
+    for t in lost:
+        assert retries[t.number].state == TrialState.COMPLETE and retries[t.number].params.items() >= t.params.items()
+    # Every number is one attempt: the budget's 8 trials complete once each, a lost one counts only through its retry.
+    assert sum(t.state == TrialState.COMPLETE for t in after) == 8 and len(after) == 8 + len(lost)
+    ended = [e for e in _events(path) if e["event"] == "end"]
+    assert len(ended) == 8  # no objective ran twice
     assert {n for n, s in before.items() if s == TrialState.COMPLETE} <= {t.number for t in after if t.state == TrialState.COMPLETE}
 
 
@@ -155,3 +177,17 @@ def test_a_trial_asked_by_a_controller_that_died_before_launching_it_is_reaped(s
     assert (state.complete, state.settled) == (2, 2)
     orphan = trials(path)[0]
     assert orphan.state == TrialState.FAIL and orphan.user_attrs["failure_reason"] == "worker lost: no heartbeat for 4 s"
+
+
+def test_each_trial_records_whether_it_looks_like_reward_hacking(study_file: StudyFactory) -> None:
+    path = study_file(objective="reward_rises_held_out_falls", n_trials=6, parallel=2)
+    run_study(load_spec(path), poll_s=0.05)
+    done = trials(path)
+    assert {t.state for t in done} == {TrialState.COMPLETE} and len(done) == 6
+    for trial in done:
+        if trial.params["x"] > 0.5:
+            assert trial.user_attrs["reward_hacking"] == ("training reward rose 0.200 -> 0.900 while held-out "
+                                                          "accuracy fell 0.500 -> 0.300")
+        else:
+            assert trial.user_attrs["reward_hacking"] is None
+    assert any(t.params["x"] > 0.5 for t in done) and any(t.params["x"] <= 0.5 for t in done)

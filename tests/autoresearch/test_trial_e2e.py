@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,8 @@ from autoresearch.cli import main  # noqa: E402
 from autoresearch.spec import load_spec  # noqa: E402
 from autoresearch.study import make_storage  # noqa: E402
 from autoresearch.trial import group_advantages  # noqa: E402
-from tests.autoresearch.helpers import trials  # noqa: E402
+from tests.autoresearch.conftest import StudyFactory  # noqa: E402
+from tests.autoresearch.helpers import start_controller, trials, wait_for  # noqa: E402
 
 TINY = Path(__file__).resolve().parents[2] / "studies" / "text2sql-tiny.toml"
 
@@ -47,6 +49,7 @@ def test_tiny_study_trains_through_the_training_api(tmp_path: Path, capsys: pyte
     for trial in done:
         assert 0.0 <= trial.value <= 1.0
         assert trial.user_attrs["adapter_id"] and trial.user_attrs["checkpoint"].startswith("tinker://")
+        assert trial.user_attrs["device"] == spec.training.device and trial.user_attrs["device_seconds"] > 0
         assert set(trial.user_attrs["reward_config"]) >= {"executes", "result_overlap"}
         assert trial.intermediate_values  # the held-out curve the pruner sees
         assert 0.0 <= trial.user_attrs["untrained_eval_execution_accuracy"] <= 1.0  # the baseline, before training
@@ -62,3 +65,36 @@ def test_tiny_study_trains_through_the_training_api(tmp_path: Path, capsys: pyte
     assert main(["report", str(path)]) == 0
     assert "Held-out execution accuracy untrained: " in (spec.run_folder / "report" / "report.md").read_text()
     assert (spec.run_folder / "trainer.log").read_text().count('"model unloaded"') == 2  # adapters are released
+
+
+def _alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie nobody reaped yet (an orphan's new parent may be slow to)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the process tree from /proc (Linux)")
+def test_a_killed_controller_takes_its_local_trainer_and_workers_down(study_file: StudyFactory) -> None:
+    path = study_file(n_trials=1, parallel=1, sleep=120.0)
+    path.write_text(path.read_text().replace('api = "none"', 'api = "local"'))
+    controller = start_controller(path)
+    try:
+        events = load_spec(path).trial_dir(0) / "events.jsonl"
+        wait_for(events.exists, 300, "the trial to start (after the training service answered)")
+        trainer = next(pid for pid in _children(controller.pid)
+                       if "trainer_api" in Path(f"/proc/{pid}/cmdline").read_text())
+        worker = json.loads(events.read_text().splitlines()[0])["pid"]
+        controller.send_signal(signal.SIGKILL)
+        controller.wait()
+        wait_for(lambda: not _alive(trainer), 60, "the training service to exit")
+        # The service is gone, so its worker would fail on its next call: it dies too, to be retried as lost.
+        wait_for(lambda: not _alive(worker), 60, "the worker to exit")
+    finally:
+        controller.kill()
+        controller.wait()
