@@ -55,12 +55,15 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         from .params import distributions
 
-        print(f"study {spec.name}: storage {spec.storage_url}, run folder {spec.run_folder}")
+        storage = spec.storage if (spec.storage or "").startswith("env:") else spec.storage_url
+        print(f"study {spec.name}: storage {storage}, run folder {spec.run_folder}")
         print(f"budget {args.n_trials or spec.budget.n_trials} trials, {spec.budget.parallel} in parallel, "
               f"timeout {spec.budget.timeout_s:g} s; sampler {spec.sampler.type}; pruner {spec.pruner.type}")
         for name, distribution in distributions(spec).items():
             print(f"  {name}: {distribution}")
         spec.load_objective()
+        if spec.launcher == "kubernetes":
+            _print_jobs(spec, args.n_trials or spec.budget.n_trials)
         return 0
     from .controller import ControllerBusy, run_study
     from .trainer_service import TrainerStartError
@@ -78,6 +81,26 @@ def _run(args: argparse.Namespace) -> int:
     best = "none" if state.best is None else f"{state.best:.4f}"
     print(f"study {spec.name}: {state.settled} trials settled, best {best}")
     return 0
+
+
+def _print_jobs(spec: StudySpec, budget: int) -> None:
+    """The anchor ConfigMap and the first Jobs ``run`` would create, as YAML documents, without API calls.
+
+    Trials are numbered from the study's next number when its storage answers, else from 0; attempt 0.
+    """
+    import yaml
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .launchers.k8s_jobs import anchor_manifest, job_manifest
+
+    try:
+        first = len(_open(spec).get_trials(deepcopy=False))
+    except (CommandError, SpecError, SQLAlchemyError):
+        first = 0
+    trainer_url = None if spec.training.api == "none" else spec.training.api  # "local" is refused for kubernetes
+    documents = [anchor_manifest(spec)] + [job_manifest(spec, first + i, 0, trainer_url)
+                                           for i in range(min(spec.budget.parallel, budget))]
+    print(yaml.safe_dump_all(documents, sort_keys=False, explicit_start=True), end="")
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -19,8 +19,9 @@ from typing import Callable, Iterator
 import optuna
 from optuna.storages import RDBStorage
 
-from .launchers import TrialWorker, make_launcher
+from .launchers import EXIT_CONFIG_ERROR, TrialWorker, make_launcher
 from .params import distributions
+from .proposers import make_scheduler
 from .reaping import adopt_running, fail_trial, reap_stale
 from .spec import StudySpec
 from .study import Tally, make_storage, open_study, tally
@@ -88,6 +89,7 @@ def _run(spec: StudySpec, budget: int, progress: Progress | None, poll_s: float)
     storage = make_storage(spec)
     study = open_study(spec, storage, create=True)
     space = distributions(spec)
+    scheduler = make_scheduler(spec, study, space)
     study_id = storage.get_study_id_from_name(spec.name)
     launcher = make_launcher(spec)
     workers: dict[int, TrialWorker] = launcher.adopt(study)
@@ -95,21 +97,24 @@ def _run(spec: StudySpec, budget: int, progress: Progress | None, poll_s: float)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         with _trainer(spec) as trainer_url:
-            state, last_look = None, 0.0
+            state, last_look, last_reap = None, 0.0, 0.0
             while True:
                 exited = _reap_finished(study, storage, spec, workers)
-                # Reading every trial back is the controller's main cost: do it when one of our workers
-                # ended, after a launch, or once per heartbeat interval (for trials of other controllers).
+                # Reading the trials back is the controller's main cost: do it when one of our workers ended, after
+                # a launch, or once per heartbeat interval; reap trials of other controllers only once per interval.
                 if state is None or exited or time.monotonic() - last_look > spec.heartbeat.interval_s:
-                    reap_stale(study, storage, spec, owned=set(workers))
+                    if time.monotonic() - last_reap > spec.heartbeat.interval_s:
+                        reap_stale(study, storage, spec, owned=set(workers))
+                        last_reap = time.monotonic()
                     state, last_look = tally(study), time.monotonic()
                     if progress:
                         progress(state, budget)
                     free = min(spec.budget.parallel - state.running, budget - state.settled - state.running)
-                    if free <= 0 and state.running == 0:
+                    # Wait for our workers to be gone too: a Job can complete a moment after its trial told.
+                    if free <= 0 and state.running == 0 and not workers:
                         return state
                     for _ in range(max(free, 0)):
-                        number = study.ask(space).number
+                        number = scheduler.ask()
                         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
                         # A first heartbeat now: should this controller die before the worker beats, the trial still goes stale.
                         storage.record_heartbeat(trial_id)
@@ -139,7 +144,12 @@ def _reap_finished(study: optuna.Study, storage: RDBStorage, spec: StudySpec, wo
             fail_trial(study, storage, spec, trial_id, f"timeout: killed after {spec.budget.timeout_s:g} s", retry=False)
         elif code is not None:
             how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
-            fail_trial(study, storage, spec, trial_id, f"worker {how} before finishing its trial", retry=True)
+            if worker.reason:
+                how += f" ({worker.reason})"
+            # A configuration error would fail every attempt the same way: fail the trial for good.
+            retry = code != EXIT_CONFIG_ERROR
+            fail_trial(study, storage, spec, trial_id, f"worker {how} before finishing its trial"
+                       + ("" if retry else "; a configuration error, not retried"), retry=retry)
         else:
             continue
         del workers[trial_id]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from .plots import pyplot
+from .hacking import reward_hacking
+from .proposers.scheduler import HYPOTHESES_ATTR
 from .spec import StudySpec
 from .summary import best_trial, status_document
 
@@ -82,12 +85,16 @@ def write_report(spec: StudySpec, study: optuna.Study, out_dir: Path, top: int =
         lines += ["", "## Optimisation history", "", "![history](history.png)", ""]
         lines += ["## Learning curves", "", "![learning curves](learning_curves.png)", ""]
         try:
-            importances = optuna.importance.get_param_importances(study)
+            with warnings.catch_warnings():  # few trials: Optuna warns, and the importances say so themselves
+                warnings.filterwarnings("ignore", message="Target and region quantiles select the same set of trials")
+                importances = optuna.importance.get_param_importances(study)
         except (RuntimeError, ValueError) as error:
             lines += ["## Parameter importances", "", f"Not available yet: {error}", ""]
         else:
             _importances(importances, out_dir / "importances.png")
             lines += ["## Parameter importances", "", "![importances](importances.png)", ""]
+    trials = study.get_trials(deepcopy=False)
+    lines += _proposers(study, trials) + _hacking(trials)
     failed = [row for row in doc["trials"] if row["failure_reason"]]
     if failed:
         lines += ["## Failed trials", "", "| trial | reason |", "| --- | --- |"]
@@ -95,3 +102,49 @@ def write_report(spec: StudySpec, study: optuna.Study, out_dir: Path, top: int =
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _cell(text: object, limit: int = 300) -> str:
+    """Text that stays inside one Markdown table cell."""
+    flat = " ".join(str(text).split()).replace("|", "\\|")
+    return flat if len(flat) <= limit else flat[:limit] + " ..."
+
+
+def _proposers(study: optuna.Study, trials: list[FrozenTrial]) -> list[str]:
+    """Which proposer (sampler or LLM) found what, the LLM's rationales, its current hypotheses and its fallbacks."""
+    groups: dict[str, list[FrozenTrial]] = {}
+    for t in trials:
+        groups.setdefault(t.user_attrs.get("proposer", "sampler"), []).append(t)
+    fallbacks = [t for t in trials if t.user_attrs.get("proposer_fallback")]
+    if set(groups) <= {"sampler"} and not fallbacks:
+        return []
+    lines = ["## Who found what", "", "| proposer | trials | complete | best accuracy | best trial |",
+             "| --- | --- | --- | --- | --- |"]
+    for name, group in sorted(groups.items()):
+        complete = [t for t in group if t.state == TrialState.COMPLETE and t.value is not None]
+        best = max(complete, key=lambda t: t.value, default=None)
+        best_cells = ("-", "-") if best is None else (f"{best.value:.4f}", f"#{best.number}")
+        lines.append(f"| {name} | {len(group)} | {len(complete)} | {best_cells[0]} | {best_cells[1]} |")
+    llm = groups.get("llm", [])
+    if llm:
+        lines += ["", "### LLM proposals", "", "| trial | state | accuracy | rationale |", "| --- | --- | --- | --- |"]
+        lines += [f"| #{t.number} | {t.state.name} | {'' if t.value is None else f'{t.value:.4f}'} | "
+                  f"{_cell(t.user_attrs.get('rationale', ''))} |" for t in llm]
+    hypotheses = study.user_attrs.get(HYPOTHESES_ATTR)
+    if hypotheses:
+        lines += ["", "### The LLM's current hypotheses", "", _cell(hypotheses, 2000)]
+    if fallbacks:
+        lines += ["", "### LLM slots the sampler took over", "", "| trial | reason |", "| --- | --- |"]
+        lines += [f"| #{t.number} | {_cell(t.user_attrs['proposer_fallback'])} |" for t in fallbacks]
+    return lines + [""]
+
+
+def _hacking(trials: list[FrozenTrial]) -> list[str]:
+    """Trials whose training reward rose while held-out accuracy fell."""
+    flagged = [(t, reason) for t in trials if (reason := reward_hacking(t))]
+    if not flagged:
+        return []
+    lines = ["## Possible reward hacking", "", "| trial | proposer | evidence | reward config |", "| --- | --- | --- | --- |"]
+    lines += [f"| #{t.number} | {t.user_attrs.get('proposer', 'sampler')} | {reason} | "
+              f"{_cell(t.user_attrs.get('reward_config', ''))} |" for t, reason in flagged]
+    return lines + [""]

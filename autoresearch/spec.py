@@ -9,6 +9,7 @@ names the file and the field, instead of hours later inside a trial.
 from __future__ import annotations
 
 import importlib
+import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Union
@@ -108,12 +109,26 @@ class DatasetSpec(_Strict):
     seed: int = 0
 
 
+ENV_PREFIX = "env:"
+
+
+def from_env(value: str, where: str) -> str:
+    """``env:NAME`` stands for the variable NAME, read when the value is used: a study file names the secret a
+    cluster injects (see k8s/) without holding it, and a laptop without the variable can still validate the file."""
+    if not value.startswith(ENV_PREFIX):
+        return value
+    name = value[len(ENV_PREFIX):]
+    if name not in os.environ:
+        raise SpecError(f"{where}: environment variable {name} is not set (the study file says {value!r})")
+    return os.environ[name]
+
+
 class TrainingSpec(_Strict):
     """The Tinker-compatible service: a URL, ``local`` (start one), or ``none`` (objectives that do not train)."""
 
     api: str = "local"
     base_model: str = "tiny"
-    api_key: str = "tml-autoresearch-local"
+    api_key_source: str = Field("tml-autoresearch-local", alias="api_key")
     device: str | None = None
     startup_timeout_s: float = Field(300, gt=0)
 
@@ -124,11 +139,19 @@ class TrainingSpec(_Strict):
             raise ValueError("must be 'local', 'none' or an http(s):// URL")
         return api
 
-    @field_validator("api_key")
+    @field_validator("api_key_source")
     @classmethod
     def _key(cls, key: str) -> str:
+        if not key.startswith(("tml-", ENV_PREFIX)):
+            raise ValueError("must start with 'tml-' (the tinker SDK refuses other keys) or be 'env:NAME'")
+        return key
+
+    @property
+    def api_key(self) -> str:
+        """The key itself, read from the environment when the study file says ``env:NAME``."""
+        key = from_env(self.api_key_source, "training.api_key")
         if not key.startswith("tml-"):
-            raise ValueError("must start with 'tml-' (the tinker SDK refuses other keys)")
+            raise SpecError(f"training.api_key: the key from {self.api_key_source!r} must start with 'tml-'")
         return key
 
 
@@ -164,6 +187,129 @@ class HeartbeatSpec(_Strict):
         return self
 
 
+class ProposerSpec(_Strict):
+    """The LLM that proposes a share of the trials (``[proposer]``); ``proposer = "none"`` is plain Optuna.
+
+    Nothing here reaches the objective: the proposer only fills parameter
+    slots of the declared space, and every proposal is validated against it.
+    """
+
+    type: Literal["none", "gemini", "openai"] = "none"
+    model: str | None = None
+    share: float = Field(0.3, gt=0, le=1)
+    proposals_per_call: int = Field(2, ge=1, le=20)
+    api_key: str | None = None
+    vertex_project: str | None = None
+    vertex_location: str = "us-central1"
+    base_url: str | None = None
+    api_version: Literal["v1", "v1beta"] = "v1beta"
+    timeout_s: float = Field(60, gt=0)
+    max_retries: int = Field(2, ge=0, le=10)
+    retry_delay_s: float = Field(1.0, ge=0)
+    deadline_s: float | None = Field(None, gt=0)
+    max_calls: int = Field(50, ge=0)
+    max_tokens: int = Field(2_000_000, ge=0)
+    usd_per_million_input_tokens: float = Field(0.0, ge=0)
+    usd_per_million_output_tokens: float = Field(0.0, ge=0)
+    out_of_range: Literal["clamp", "reject"] = "clamp"
+    quote_chars: int = Field(300, ge=20, le=5000)
+    notes: str | None = None
+    mode: Literal["live", "record", "replay"] = "live"
+    cassette: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"type": data} if isinstance(data, str) else data
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_from_env(cls, key: str | None) -> str | None:
+        if key is not None and not key.startswith(ENV_PREFIX):
+            raise ValueError("must be 'env:NAME': keep keys in the environment, not in study files")
+        return key
+
+    @model_validator(mode="after")
+    def _check(self) -> "ProposerSpec":
+        if self.type != "none" and not self.model:
+            raise ValueError(f"a {self.type} proposer needs 'model'")
+        if self.type == "openai" and not self.base_url:
+            raise ValueError("an openai proposer needs 'base_url' (the server's /v1 endpoint)")
+        if self.vertex_project and self.type != "gemini":
+            raise ValueError("vertex_project is for a gemini proposer only")
+        return self
+
+    @property
+    def deadline(self) -> float:
+        """The longest the controller waits for one call, retries included (a server that trickles bytes never
+        trips the per-read timeout): ``deadline_s``, else every attempt's timeout plus generous backoff."""
+        return self.deadline_s or (self.timeout_s + 10 * max(self.retry_delay_s, 1.0)) * (self.max_retries + 1)
+
+
+class Quantities(_Strict):
+    """Resource quantities for the trial container: ``cpu = "2"``, ``memory = "8Gi"``, ``"nvidia.com/gpu" = 1``."""
+
+    cpu: str | None = Field(None, pattern=r"^[0-9]+(\.[0-9]+)?m?$")
+    memory: str | None = Field(None, pattern=r"^[0-9]+(\.[0-9]+)?([EPTGMk]i?|e[0-9]+)?$")
+    ephemeral_storage: str | None = Field(None, alias="ephemeral-storage", pattern=r"^[0-9]+([EPTGMk]i?)?$")
+    gpu: int | None = Field(None, alias="nvidia.com/gpu", ge=0)
+
+    def as_manifest(self) -> dict[str, str]:
+        return {k: str(v) for k, v in self.model_dump(by_alias=True, exclude_none=True).items()}
+
+
+class Resources(_Strict):
+    requests: Quantities = Quantities(cpu="1", memory="2Gi")
+    limits: Quantities = Quantities()
+
+    @model_validator(mode="after")
+    def _gpus(self) -> "Resources":
+        # GPUs cannot be overcommitted: Kubernetes rejects a request without the same limit.
+        if None not in (self.requests.gpu, self.limits.gpu) and self.requests.gpu != self.limits.gpu:
+            raise ValueError("nvidia.com/gpu: requests and limits must be equal")
+        return self
+
+
+class Toleration(_Strict):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class SecretKey(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    key: str = Field(pattern=r"^[-._a-zA-Z0-9]+$")
+
+
+class KubernetesSpec(_Strict):
+    """``[kubernetes]``: where and how trial Jobs run (``launcher = "kubernetes"``); see k8s/ for the cluster side.
+
+    ``study_file_in_image`` is the study file's path inside the image (relative to its working directory);
+    by default the file's path relative to the project root (the folder with ``pyproject.toml``), which the
+    image copies to its working directory. The controller finds the API server at ``host``, else through
+    ``kubeconfig``/``context``, else in-cluster, else in ``~/.kube/config``.
+    """
+
+    namespace: str = Field("autoresearch", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+    image: str = Field(min_length=1)
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    study_file_in_image: str | None = None
+    service_account: str | None = None
+    resources: Resources = Resources()
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    queue_name: str | None = None
+    ttl_s: int = Field(3600, ge=0)
+    start_deadline_s: float = Field(600, gt=0)
+    storage_secret: SecretKey = SecretKey(name="autoresearch-storage", key="url")
+    api_key_secret: SecretKey = SecretKey(name="trainer-api-key", key="api-key")
+    kubeconfig: str | None = None
+    context: str | None = None
+    host: str | None = None
+
+
 class StudySpec(_Strict):
     """One study file, with paths resolved against the file's folder."""
 
@@ -182,8 +328,9 @@ class StudySpec(_Strict):
     pruner: PrunerSpec = PrunerSpec()
     sampler: SamplerSpec = SamplerSpec()
     heartbeat: HeartbeatSpec = HeartbeatSpec()
-    launcher: Literal["local"] = "local"
-    proposer: Literal["none"] = "none"
+    launcher: Literal["local", "kubernetes"] = "local"
+    kubernetes: KubernetesSpec | None = None
+    proposer: ProposerSpec = ProposerSpec()
 
     _path: Path = PrivateAttr(default=Path("study.toml"))
 
@@ -224,6 +371,18 @@ class StudySpec(_Strict):
             raise ValueError(f"parameter(s) both searched and fixed: {', '.join(sorted(both))}")
         return self
 
+    @model_validator(mode="after")
+    def _kubernetes_table(self) -> "StudySpec":
+        if self.launcher == "kubernetes" and self.kubernetes is None:
+            raise ValueError("launcher = \"kubernetes\" needs a [kubernetes] table (at least 'image')")
+        if self.launcher == "kubernetes" and (self.storage or "sqlite").startswith("sqlite"):
+            raise ValueError("launcher = \"kubernetes\" needs a 'storage' database that trial pods reach "
+                             "(PostgreSQL or MySQL, e.g. \"env:AUTORESEARCH_STORAGE_URL\"), not a SQLite file")
+        if self.launcher == "kubernetes" and self.training.api == "local":
+            raise ValueError("launcher = \"kubernetes\": trial pods cannot reach a training API the controller starts; "
+                             "set training.api to its Service URL (or 'none')")
+        return self
+
     @property
     def path(self) -> Path:
         return self._path
@@ -237,7 +396,7 @@ class StudySpec(_Strict):
     @property
     def storage_url(self) -> str:
         """The SQLAlchemy URL; ``postgresql://`` means the psycopg 3 driver this project installs."""
-        url = self.storage or f"sqlite:///{self.run_folder / 'study.db'}"
+        url = from_env(self.storage, f"{self._path}: storage") if self.storage else f"sqlite:///{self.run_folder}/study.db"
         if url.startswith("postgresql://"):
             url = "postgresql+psycopg://" + url[len("postgresql://"):]
         return url

@@ -11,6 +11,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from .proposers.scheduler import USAGE_ATTR, Usage
 from .spec import StudySpec
 from .study import Tally, tally
 
@@ -24,6 +25,8 @@ def trial_row(trial: FrozenTrial) -> dict[str, Any]:
         "retry_count": attrs.get("retry_count", 0),
         "retry_of": trial.system_attrs.get("failed_trial"),
         "wall_seconds": attrs.get("wall_seconds"),
+        "proposer": attrs.get("proposer", "sampler"),
+        "proposer_fallback": attrs.get("proposer_fallback"),
         "failure_reason": attrs.get("failure_reason") if trial.state == TrialState.FAIL else None,
         "params": trial.params,
     }
@@ -42,8 +45,19 @@ def status_document(spec: StudySpec, study: optuna.Study) -> dict[str, Any]:
         "counts": {"waiting": state.waiting, "running": state.running, "complete": state.complete,
                    "pruned": state.pruned, "failed": state.failed, "failed_final": state.failed_final},
         "best": None if best is None else {"number": best.number, "value": best.value, "params": best.params},
+        "proposer": proposer_usage(spec, study),
         "trials": [trial_row(t) for t in trials],
     }
+
+
+def proposer_usage(spec: StudySpec, study: optuna.Study) -> dict[str, Any] | None:
+    """The LLM proposer's spending against its caps, or None when the study has no proposer."""
+    config = spec.proposer
+    if config.type == "none":
+        return None
+    usage = Usage(**study.user_attrs.get(USAGE_ATTR, {}))
+    return {"type": config.type, "model": config.model, "mode": config.mode, "share": config.share, **usage.__dict__,
+            "cost_usd": round(usage.cost_usd(spec), 6), "max_calls": config.max_calls, "max_tokens": config.max_tokens}
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
@@ -77,11 +91,18 @@ def status_table(document: dict[str, Any]) -> str:
     ]
     if document["best"]:
         lines.append(f"best #{document['best']['number']}: {document['best']['value']:.4f}")
+    llm = document.get("proposer")
+    if llm:
+        lines.append(f"proposer {llm['type']} {llm['model']} ({llm['mode']}, share {llm['share']:g}): "
+                     f"{llm['calls']}/{llm['max_calls']} calls, {llm['failures']} failed; tokens {llm['input_tokens']} in + "
+                     f"{llm['output_tokens']} out of {llm['max_tokens']}; cost ${llm['cost_usd']:.4f}")
     lines.append(f"{'#':>5}  {'state':<8}  {'value':>8}  {'retry':>5}  {'wall s':>8}  reason / params")
     for row in document["trials"]:
         value = "" if row["value"] is None else f"{row['value']:.4f}"
         wall = "" if row["wall_seconds"] is None else f"{row['wall_seconds']:.1f}"
         detail = row["failure_reason"] or ", ".join(f"{k}={_short(v)}" for k, v in row["params"].items())
+        if row["proposer"] != "sampler":
+            detail = f"[{row['proposer']}] {detail}"
         lines.append(f"{row['number']:>5}  {row['state']:<8}  {value:>8}  {row['retry_count']:>5}  {wall:>8}  {detail}")
     return "\n".join(lines)
 

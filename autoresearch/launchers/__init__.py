@@ -14,11 +14,17 @@ if TYPE_CHECKING:
     from ..spec import StudySpec
 
 
+# ``autoresearch trial`` exits 2 for a bad study file or bad arguments (the CLI's usage code): another attempt
+# would fail the same way, so such a trial is failed without a retry.
+EXIT_CONFIG_ERROR = 2
+
+
 class TrialWorker(Protocol):
     """One running attempt of one trial."""
 
     trial_id: int
     number: int
+    reason: str | None  # why it ended, when the launcher knows more than the exit code (a Job's condition)
 
     def elapsed(self) -> float:
         """Seconds since the attempt was launched (the per-trial timeout counts these)."""
@@ -50,6 +56,10 @@ class Launcher(Protocol):
 
 def make_launcher(spec: "StudySpec") -> Launcher:
     """The launcher the study file names."""
+    if spec.launcher == "kubernetes":
+        from .kubernetes import KubernetesLauncher
+
+        return KubernetesLauncher(spec)
     from .local import LocalLauncher
 
     return LocalLauncher(spec)

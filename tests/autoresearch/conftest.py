@@ -6,11 +6,13 @@ import os
 import textwrap
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DBAPIError
+
+from tests.autoresearch.llm_server import LLMServer
 
 REPO = Path(__file__).resolve().parents[2]
 POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -57,6 +59,17 @@ def _importable_objectives(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 StudyFactory = Callable[..., Path]
+LLM_KEY_ENV = "AUTORESEARCH_TEST_LLM_KEY"
+LLM_KEY = "test-key-123"
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[LLMServer]:
+    """The local Gemini/OpenAI-compatible server, with the key the proposer studies name in the environment."""
+    monkeypatch.setenv(LLM_KEY_ENV, LLM_KEY)
+    llm = LLMServer().start()
+    yield llm
+    llm.stop()
 
 
 @pytest.fixture

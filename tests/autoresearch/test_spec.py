@@ -29,7 +29,7 @@ def test_defaults_resolve_next_to_the_study_file(tmp_path: Path) -> None:
     assert spec.run_folder == (tmp_path / "runs" / "demo").resolve()
     assert spec.storage_url == f"sqlite:///{tmp_path.resolve()}/runs/demo/study.db"
     assert spec.objective == "autoresearch.trial:run_trial"
-    assert (spec.sampler.type, spec.pruner.type, spec.launcher, spec.proposer) == ("tpe", "median", "local", "none")
+    assert (spec.sampler.type, spec.pruner.type, spec.launcher, spec.proposer.type) == ("tpe", "median", "local", "none")
 
 
 def test_postgresql_urls_use_the_installed_driver(tmp_path: Path) -> None:
@@ -92,6 +92,8 @@ high = 1000
         (MINIMAL + '[fixed]\nrl_steps = -1\n', "fixed.rl_steps: Input should be greater than or equal to 0"),
         (MINIMAL + '[fixed]\nsteps = 3\n', "fixed.steps: run_trial has no such parameter"),
         (MINIMAL + '[fixed]\n"reward.executes" = 3.0\n', "fixed: invalid reward config: executes: Input should be less than"),
+        (MINIMAL + '[proposer]\ntype = "gemini"\nmodel = "m"\napi_key = "AIza-secret"\n',
+         "proposer.api_key: must be 'env:NAME'"),
         ('name = "x"\n[budget\n', "not valid TOML"),
     ],
 )
