@@ -281,6 +281,7 @@ class Toleration(_Strict):
 class SecretKey(_Strict):
     name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
     key: str = Field(pattern=r"^[-._a-zA-Z0-9]+$")
+    optional: bool = False  # a missing Secret leaves the variable unset instead of keeping the pod from starting
 
 
 class KubernetesSpec(_Strict):
@@ -305,6 +306,8 @@ class KubernetesSpec(_Strict):
     start_deadline_s: float = Field(600, gt=0)
     storage_secret: SecretKey = SecretKey(name="autoresearch-storage", key="url")
     api_key_secret: SecretKey = SecretKey(name="trainer-api-key", key="api-key")
+    # More environment variables of trial pods from Secrets, e.g. HF_TOKEN for a gated model's tokenizer.
+    secret_env: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], SecretKey] = Field(default_factory=dict)
     kubeconfig: str | None = None
     context: str | None = None
     host: str | None = None

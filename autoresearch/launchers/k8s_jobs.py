@@ -142,11 +142,14 @@ def job_manifest(spec: StudySpec, number: int, attempt: int, trainer_url: str | 
 
 
 def _secret_env(spec: StudySpec) -> list[dict[str, Any]]:
-    """Each ``env:NAME`` the study file uses (storage, training.api_key) is filled from its Secret in the pod."""
+    """Each ``env:NAME`` the study file uses (storage, training.api_key) is filled from its Secret in the pod,
+    and so is every variable of ``secret_env``."""
     k = _kube(spec)
-    wanted = [(spec.storage or "", k.storage_secret), (spec.training.api_key_source, k.api_key_secret)]
-    return [{"name": value[len(ENV_PREFIX):], "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}}
-            for value, secret in wanted if value.startswith(ENV_PREFIX)]
+    wanted = [(value[len(ENV_PREFIX):], secret) for value, secret in
+              [(spec.storage or "", k.storage_secret), (spec.training.api_key_source, k.api_key_secret)]
+              if value.startswith(ENV_PREFIX)] + list(k.secret_env.items())
+    return [{"name": name, "valueFrom": {"secretKeyRef": {"name": s.name, "key": s.key, **({"optional": True} if s.optional else {})}}}
+            for name, s in wanted]
 
 
 def _camel(fields: dict[str, Any]) -> dict[str, Any]:

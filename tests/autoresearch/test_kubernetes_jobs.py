@@ -40,6 +40,7 @@ node_selector = { "cloud.google.com/gke-accelerator" = "nvidia-l4" }
 tolerations = [{ key = "nvidia.com/gpu", operator = "Exists", effect = "NoSchedule" },
                { key = "spot", value = "true", effect = "NoExecute", toleration_seconds = 30 }]
 storage_secret = { name = "pg", key = "dsn" }
+secret_env = { HF_TOKEN = { name = "hf-token", key = "token", optional = true } }
 [kubernetes.resources.requests]
 cpu = "4"
 memory = "16Gi"
@@ -125,6 +126,7 @@ def test_job_carries_names_labels_and_policies(tmp_path: Path) -> None:
         {"name": "AUTORESEARCH_TRIAL_NUMBER", "value": "12"},
         {"name": "AUTORESEARCH_STORAGE_URL", "valueFrom": {"secretKeyRef": {"name": "pg", "key": "dsn"}}},
         {"name": "TINKER_API_KEY", "valueFrom": {"secretKeyRef": {"name": "trainer-api-key", "key": "api-key"}}},
+        {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token", "optional": True}}},
     ]
     # A GPU request is also its limit (Kubernetes does not overcommit GPUs).
     assert container["resources"] == {"requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"},
