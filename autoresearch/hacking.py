@@ -3,15 +3,38 @@
 The reward is the knob the LLM may turn, the held-out execution accuracy is
 the objective it may not; a trial where the two part ways is one whose reward
 weights pay for something other than correct SQL. The curves come from the
-trial's ``metrics.jsonl`` (written by ``run_trial``).
+trial's ``metrics.jsonl`` (written by ``run_trial``). On a small held-out set
+accuracy moves by whole examples, so when the set's size is recorded a fall
+counts only beyond two standard errors of the difference of two accuracies:
+a flag on every noisy trial would teach its readers to ignore it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from optuna.trial import FrozenTrial
+
+
+def _points(run_dir: str | Path | None) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl" if run_dir else None
+    if path is None or not path.is_file():
+        return []
+    points = []
+    for line in path.read_text().splitlines():
+        try:
+            points.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a killed worker
+    return points
+
+
+def eval_size(run_dir: str | Path | None) -> int | None:
+    """How many held-out examples each evaluation counted (the smallest, to be safe); None when not recorded."""
+    sizes = [int(p["n_eval"]) for p in _points(run_dir) if p.get("phase") == "eval" and p.get("n_eval")]
+    return min(sizes) if sizes else None
 
 
 def curves(run_dir: str | Path | None) -> tuple[list[float], list[float]]:
@@ -20,15 +43,7 @@ def curves(run_dir: str | Path | None) -> tuple[list[float], list[float]]:
     The held-out series starts at the untrained evaluation only when no SFT
     warm-up ran: after a warm-up, the untrained score says nothing about RL.
     """
-    path = Path(run_dir) / "metrics.jsonl" if run_dir else None
-    if path is None or not path.is_file():
-        return [], []
-    points = []
-    for line in path.read_text().splitlines():
-        try:
-            points.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a killed worker
+    points = _points(run_dir)
     train = [float(p["reward_mean"]) for p in points if p.get("phase") == "rl" and "reward_mean" in p]
     held = [float(p["eval_execution_accuracy"]) for p in points if p.get("phase") == "eval"]
     warmed_up = any(p.get("phase") == "sft" for p in points)
@@ -36,10 +51,20 @@ def curves(run_dir: str | Path | None) -> tuple[list[float], list[float]]:
     return train, (held if warmed_up else untrained[:1] + held)
 
 
+def noise(accuracy: float, n_eval: int | None) -> float:
+    """Two standard errors of the difference of two accuracies measured on ``n_eval`` examples (0 when unknown)."""
+    if not n_eval:
+        return 0.0
+    return 2 * math.sqrt(2 * max(accuracy * (1 - accuracy), 1 / n_eval) / n_eval)
+
+
 def reward_hacking(trial: FrozenTrial) -> str | None:
     """Why ``trial`` looks like reward hacking, or None."""
     train, held = curves(trial.user_attrs.get("run_dir"))
-    if len(train) < 2 or len(held) < 2 or not (train[-1] > train[0] and held[-1] < held[0]):
+    if len(train) < 2 or len(held) < 2 or not train[-1] > train[0]:
+        return None
+    n_eval = eval_size(trial.user_attrs.get("run_dir"))
+    if held[0] - held[-1] <= noise(held[0], n_eval):
         return None
     return (f"training reward rose {train[0]:.3f} -> {train[-1]:.3f} while held-out accuracy fell "
-            f"{held[0]:.3f} -> {held[-1]:.3f}")
+            f"{held[0]:.3f} -> {held[-1]:.3f}" + (f" (n={n_eval})" if n_eval else ""))

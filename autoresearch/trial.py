@@ -279,7 +279,7 @@ def run_trial(
                     raise optuna.TrialPruned(f"pruned by the Wilcoxon test after {len(matches)} held-out examples")
         counted = [m for m in matches if m is not None]
         accuracy = sum(counted) / len(counted) if counted else 0.0
-        record({"phase": "eval", "step": step, "eval_execution_accuracy": accuracy})
+        record({"phase": "eval", "step": step, "eval_execution_accuracy": accuracy, "n_eval": len(counted)})
         with open(run_dir / "predictions.jsonl", "w") as out:
             out.writelines(json.dumps(row) + "\n" for row in rows)
         if optuna_trial is not None and not wilcoxon:

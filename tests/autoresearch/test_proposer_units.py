@@ -143,3 +143,19 @@ def test_sample_predictions_of_the_best_trial_are_quoted_as_untrusted(study_file
     row = json.loads(quoted[0])
     assert row["prediction"] == untrusted(hostile, spec.proposer.quote_chars)
     assert row["prediction"].count(CLOSE) == 1 and row["verdict"] == "mismatch"
+
+
+def test_a_fall_within_the_noise_of_a_small_held_out_set_is_not_reward_hacking(tmp_path: Path) -> None:
+    rl = [{"phase": "rl", "step": 0, "reward_mean": 0.37}, {"phase": "rl", "step": 1, "reward_mean": 0.54}]
+    sft = {"phase": "sft", "step": 0}
+
+    def evals(first: float, last: float, n: int) -> list[dict]:
+        return [{"phase": "eval", "step": s, "eval_execution_accuracy": a, "n_eval": n} for s, a in ((2, first), (4, last))]
+
+    # 14/32 -> 11/32: three examples of 32, well inside two standard errors (~0.24).
+    assert reward_hacking(_trial_with_curves(tmp_path, [sft, *rl, *evals(0.4375, 0.34375, 32)])) is None
+    # The same fall measured on 2,000 examples is far outside the noise (~0.03).
+    assert reward_hacking(_trial_with_curves(tmp_path, [sft, *rl, *evals(0.4375, 0.34375, 2000)])) == (
+        "training reward rose 0.370 -> 0.540 while held-out accuracy fell 0.438 -> 0.344 (n=2000)")
+    # A large fall on a small set still counts.
+    assert reward_hacking(_trial_with_curves(tmp_path, [sft, *rl, *evals(0.5, 0.1, 32)])) is not None
