@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import optuna
 from optuna.storages import RDBStorage
 
-from .launchers import EXIT_CONFIG_ERROR, TrialWorker, make_launcher
+from .launchers import EXIT_CONFIG_ERROR, EXIT_TIMEOUT, TrialWorker, make_launcher
 from .params import distributions
 from .proposers import make_scheduler
 from .reaping import adopt_running, fail_trial, reap_stale
@@ -92,10 +92,11 @@ def _run(spec: StudySpec, budget: int, progress: Progress | None, poll_s: float)
     scheduler = make_scheduler(spec, study, space)
     study_id = storage.get_study_id_from_name(spec.name)
     launcher = make_launcher(spec)
-    workers: dict[int, TrialWorker] = launcher.adopt(study)
-    adopt_running(study, storage)
+    workers: dict[int, TrialWorker] = {}
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
+        workers.update(launcher.adopt(study))
+        adopt_running(study, storage)
         with _trainer(spec) as trainer_url:
             state, last_look, last_reap = None, 0.0, 0.0
             while True:
@@ -146,10 +147,10 @@ def _reap_finished(study: optuna.Study, storage: RDBStorage, spec: StudySpec, wo
             how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
             if worker.reason:
                 how += f" ({worker.reason})"
-            # A configuration error would fail every attempt the same way: fail the trial for good.
-            retry = code != EXIT_CONFIG_ERROR
+            # A configuration error or a deadline would end every attempt the same way: fail the trial for good.
+            final = {EXIT_CONFIG_ERROR: "a configuration error", EXIT_TIMEOUT: "past its deadline"}.get(code)
             fail_trial(study, storage, spec, trial_id, f"worker {how} before finishing its trial"
-                       + ("" if retry else "; a configuration error, not retried"), retry=retry)
+                       + (f"; {final}, not retried" if final else ""), retry=final is None)
         else:
             continue
         del workers[trial_id]

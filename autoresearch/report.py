@@ -115,7 +115,8 @@ def _proposers(study: optuna.Study, trials: list[FrozenTrial]) -> list[str]:
     groups: dict[str, list[FrozenTrial]] = {}
     for t in trials:
         groups.setdefault(t.user_attrs.get("proposer", "sampler"), []).append(t)
-    fallbacks = [t for t in trials if t.user_attrs.get("proposer_fallback")]
+    # A retry inherits its trial's user attrs: count each fallback once.
+    fallbacks = [t for t in trials if t.user_attrs.get("proposer_fallback") and "failed_trial" not in t.system_attrs]
     if set(groups) <= {"sampler"} and not fallbacks:
         return []
     lines = ["## Who found what", "", "| proposer | trials | complete | best accuracy | best trial |",

@@ -207,6 +207,7 @@ class ProposerSpec(_Strict):
     max_retries: int = Field(2, ge=0, le=10)
     retry_delay_s: float = Field(1.0, ge=0)
     deadline_s: float | None = Field(None, gt=0)
+    failure_cooldown_s: float = Field(300, ge=0)
     max_calls: int = Field(50, ge=0)
     max_tokens: int = Field(2_000_000, ge=0)
     usd_per_million_input_tokens: float = Field(0.0, ge=0)
@@ -302,7 +303,8 @@ class KubernetesSpec(_Strict):
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
     queue_name: str | None = None
-    ttl_s: int = Field(3600, ge=0)
+    # At least a minute: a Job deleted right after it ends takes its final status with it before it is read.
+    ttl_s: int = Field(3600, ge=60)
     start_deadline_s: float = Field(600, gt=0)
     storage_secret: SecretKey = SecretKey(name="autoresearch-storage", key="url")
     api_key_secret: SecretKey = SecretKey(name="trainer-api-key", key="api-key")

@@ -11,6 +11,7 @@ so that this part of a worker's start-up is off the controller's path.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import traceback
@@ -23,6 +24,7 @@ import optuna.storages._rdb.models
 import sqlalchemy.orm
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from .hacking import reward_hacking
 from .params import split_params
@@ -44,7 +46,10 @@ class Heartbeat:
 
     def _beat(self) -> None:
         while True:
-            self._storage.record_heartbeat(self._trial_id)
+            try:
+                self._storage.record_heartbeat(self._trial_id)
+            except SQLAlchemyError as error:  # one failed beat (a locked SQLite file) must not end the heartbeat
+                print(f"heartbeat: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
             if self._stop.wait(self._interval):
                 return
 

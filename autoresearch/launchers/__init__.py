@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 # ``autoresearch trial`` exits 2 for a bad study file or bad arguments (the CLI's usage code): another attempt
 # would fail the same way, so such a trial is failed without a retry.
 EXIT_CONFIG_ERROR = 2
+# An attempt that ran past its deadline (the code of timeout(1)) is failed for good, like the controller's own
+# per-trial timeout: another attempt would take as long.
+EXIT_TIMEOUT = 124
 
 
 class TrialWorker(Protocol):

@@ -2,17 +2,20 @@
 
 A daemon thread keeps the latest state of the study's Jobs through one
 list-then-watch by label selector, and lists again when the API server answers
-410 Gone or drops the connection; the controller's thread only reads that
-state, so ``wait_any`` wakes as soon as a Job changes and never blocks on the
-network, even while the API server is down. A finished Job's pod logs are
+410 Gone or drops the connection; ``wait_any`` only reads that state, so it
+wakes as soon as a Job changes and never blocks on the network, even while the
+API server is down (creating, deleting and reading logs are calls of the
+controller's thread, each bounded by ``API_TIMEOUT``). A finished Job's pod logs are
 copied into the trial folder (``pod.log``; an Optuna artifact too when the
 trial is still running, i.e. its worker died before telling) together
 with the Job's final status (``job.json``), and the Job is then deleted with
 Background propagation; ``ttlSecondsAfterFinished`` cleans up after a
 controller that died. Exit codes the controller sees: 0 for a Complete Job,
 the trial container's exit code for a Failed one, 124 when the Job ran past
-its deadline, 125 when no pod became ready within ``start_deadline_s`` (or
-the Job could not be created), and -15 (SIGTERM) when the Job was deleted.
+its deadline, 2 when Kubernetes refused the Job (invalid, forbidden), 125 when
+it was not created or no pod became ready within ``start_deadline_s``, and -15
+(SIGTERM) when the Job was deleted. A Job that Kueue holds suspended is
+queued, not late: neither the start deadline nor the trial's timeout runs.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from urllib3.exceptions import HTTPError, ReadTimeoutError
 
 from ..spec import KubernetesSpec, SpecError, StudySpec
 from ..study import make_storage
-from . import EXIT_CONFIG_ERROR
+from . import EXIT_CONFIG_ERROR, EXIT_TIMEOUT
 from .k8s_jobs import (ATTEMPT_LABEL, CONTAINER, JOB_NAME_LABEL, NUMBER_LABEL, STUDY_LABEL,
                        anchor_manifest, job_manifest, job_name, study_selector, study_slug)
 
@@ -44,7 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EXIT_DEADLINE = 124
 EXIT_NEVER_STARTED = 125
 EXIT_DELETED = -15
 API_ERRORS = (ApiException, HTTPError, OSError)  # what a call to an unreachable or refusing API server raises
@@ -120,14 +122,10 @@ class JobWatch:
             self._thread.start()
 
     def stop(self) -> None:
-        """End the thread: close the watch connection it reads (the Watch keeps its response in ``_resp``)."""
+        """End the thread: the client's Watch.stop shuts down the connection the thread is blocked reading."""
         self._stop.set()
-        response = getattr(self._stream, "_resp", None)
-        if response is not None:
-            try:
-                response.shutdown()
-            except (OSError, ValueError, RuntimeError):  # the watch thread closed or released it first
-                pass
+        if self._stream is not None:
+            self._stream.stop()
         if self._thread is not None:
             self._thread.join(5)
 
@@ -170,14 +168,10 @@ class JobWatch:
                 resource_version = self._watch(resource_version)
             except ReadTimeoutError:
                 continue  # an idle watch: go on from the same resourceVersion
-            except ApiException as error:
+            except API_ERRORS as error:
                 resource_version = None
-                if error.status == 410:  # our resourceVersion is too old: list again
+                if isinstance(error, ApiException) and error.status == 410:  # our resourceVersion is too old: list again
                     continue
-                self._failed(error, delay)
-                delay = min(delay * 2, RETRY_S[1])
-            except (HTTPError, OSError) as error:
-                resource_version = None
                 self._failed(error, delay)
                 delay = min(delay * 2, RETRY_S[1])
 
@@ -359,11 +353,13 @@ class KubernetesLauncher:
         except ApiException as error:
             if error.status == 409:  # created before (a repeated launch): this attempt's Job already exists
                 worker.created = True
-            elif error.status is not None and 400 <= error.status < 500 and error.status != 429:
+                return
+            if error.status is not None and 400 <= error.status < 500 and error.status != 429:
                 # Refused for good (invalid, forbidden, no such namespace): a new attempt would be refused too.
-                self._finish(worker, EXIT_CONFIG_ERROR, f"Kubernetes refused the Job: {_api_error(error)}")
-            else:
-                worker.reason = f"cannot create the Job yet: {_api_error(error)}"
+                self._finish(worker, EXIT_CONFIG_ERROR, f"Kubernetes refused the Job or its owner ConfigMap: "
+                                                        f"{_api_error(error)}")
+                return
+            worker.reason = f"cannot create the Job yet: {_api_error(error)}"
             return
         except (HTTPError, OSError) as error:
             worker.reason = f"cannot create the Job yet: {_api_error(error)}"
@@ -401,10 +397,12 @@ class KubernetesLauncher:
             if condition["type"] == "Complete":
                 self._finish(worker, 0, reason)
             else:  # the deadline has its own code; otherwise the trial container's
-                self._finish(worker, EXIT_DEADLINE if why == "DeadlineExceeded" else None, reason)
+                self._finish(worker, EXIT_TIMEOUT if why == "DeadlineExceeded" else None, reason)
         elif worker.created and self._watch.deleted(worker.job):
             worker.code, worker.reason = EXIT_DELETED, "the Job was deleted outside the controller"
             self._record(worker, None)
+        elif job is not None and (job.get("spec") or {}).get("suspend"):
+            worker.started = time.monotonic()  # queued by Kueue: the start deadline and the timeout wait with it
         elif not self._watch.started(worker.job) and worker.elapsed() > self._k.start_deadline_s:
             why = worker.reason or "no pod of the Job became ready"
             self._finish(worker, EXIT_NEVER_STARTED, f"never started within {self._k.start_deadline_s:g} s: {why}")
@@ -418,8 +416,7 @@ class KubernetesLauncher:
         worker.code = code if code is not None else (pod_code or 1)
         worker.reason = reason
         self._record(worker, self._watch.get(worker.job))
-        if worker.created:
-            self._delete(worker.job)
+        self._delete(worker.job)  # also when the create timed out: it may have made the Job; 404 is ignored
 
     def _copy_logs(self, worker: KubernetesWorker) -> int | None:
         """Write every pod's log into the trial's ``pod.log`` (oldest first); return the last pod's exit code."""
@@ -464,11 +461,9 @@ class KubernetesLauncher:
         try:
             self._batch.delete_namespaced_job(name, self._k.namespace, propagation_policy="Background",
                                               _request_timeout=API_TIMEOUT)
-        except ApiException as error:
-            if error.status != 404:
+        except API_ERRORS as error:
+            if not (isinstance(error, ApiException) and error.status == 404):
                 log.warning("kubernetes: cannot delete Job %s (%s); its TTL removes it", name, _api_error(error))
-        except (HTTPError, OSError) as error:
-            log.warning("kubernetes: cannot delete Job %s (%s); its TTL removes it", name, _api_error(error))
 
 
 def _exit_code(pod: dict[str, Any]) -> int | None:

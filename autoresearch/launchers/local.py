@@ -30,11 +30,14 @@ from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Iterable
 
+from . import EXIT_CONFIG_ERROR
+
 if TYPE_CHECKING:
     import optuna
 
     from ..spec import StudySpec
 
+KILL_GRACE_S = 5.0  # between SIGTERM and SIGKILL when a worker is stopped
 # Optuna imports SQLAlchemy, Alembic and its RDB models lazily, on the first RDBStorage: name them so that the
 # fork server pays for them once instead of every worker (about 1.5 s each on a small machine).
 PRELOAD = ["autoresearch.worker", "sqlalchemy.orm", "alembic.migration", "alembic.script", "optuna.storages._rdb.models",
@@ -50,24 +53,40 @@ class LocalWorker:
     proc: BaseProcess
     started: float = field(default_factory=time.monotonic)
     reason: str | None = None  # the exit code says it all for a process
+    _ended: bool = False
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
     def exit_code(self) -> int | None:
-        """None while running; negative for a signal, like ``subprocess``."""
+        """None while running; negative for a signal, like ``subprocess``.
+
+        Once the worker has exited, whatever it started and left behind (a
+        crashed objective's children) is killed with it.
+        """
+        if self.proc.exitcode is not None and not self._ended:
+            self._end()
         return self.proc.exitcode
 
-    def kill(self, grace_s: float = 5.0) -> None:
-        """SIGTERM the worker's process group, then SIGKILL it after ``grace_s``; reap it."""
-        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                break
-            self.proc.join(wait)
-            if self.proc.exitcode is not None:
-                break
+    def kill(self) -> None:
+        """SIGTERM the worker's process group, SIGKILL what is left of it after ``KILL_GRACE_S``; reap the worker."""
+        self._signal_group(signal.SIGTERM)
+        self.proc.join(KILL_GRACE_S)
+        self._end()
+
+    def _end(self) -> None:
+        """SIGKILL the worker's group (a child that traps SIGTERM, or one a crashed worker left) and reap it."""
+        self._signal_group(signal.SIGKILL)
+        if self.proc.exitcode is None:  # not in its own group yet (forked, before setsid)
+            self.proc.kill()
+        self.proc.join()
+        self._ended = True
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _die_with_controller(lifeline: Connection) -> None:
@@ -95,12 +114,15 @@ def _worker_main(study_file: str, orders: Connection, lifeline: Connection | Non
     os.setsid()
     if lifeline is not None:
         _die_with_controller(lifeline)
-    from ..spec import load_spec
+    from ..spec import SpecError, load_spec
     from ..worker import open_worker_study, run_worker
 
-    spec = load_spec(study_file)
+    try:  # the study file may have been edited since the controller read it
+        spec, problem = load_spec(study_file), None
+    except SpecError as error:
+        spec, problem = None, str(error)
     try:
-        opened = open_worker_study(spec)
+        opened = open_worker_study(spec) if spec else None
     except Exception:  # noqa: BLE001 - opened again once the trial is known, where the trial's log records the error
         opened = None
     try:
@@ -110,6 +132,9 @@ def _worker_main(study_file: str, orders: Connection, lifeline: Connection | Non
     with open(log_path, "ab", buffering=0) as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
+    if spec is None:  # like ``autoresearch trial``: one line, and the code that fails the trial without a retry
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG_ERROR)
     sys.exit(run_worker(spec, number, trainer_url, opened))
 
 

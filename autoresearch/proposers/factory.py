@@ -29,8 +29,8 @@ def make_proposer(spec: StudySpec) -> Proposer | None:
     config = spec.proposer
     if config.type == "none":
         return None
-    cassette = Cassette(cassette_path(spec))
-    if config.mode == "replay":
+    cassette = Cassette(cassette_path(spec)) if config.mode != "live" else None
+    if cassette is not None and config.mode == "replay":
         if not cassette.path.is_file():
             raise ProposerError(f"replay mode needs the cassette {cassette.path}, which does not exist")
         return Replayer(config.model or "", cassette)
@@ -42,4 +42,4 @@ def make_proposer(spec: StudySpec) -> Proposer | None:
         from .openai_compat import OpenAICompatibleProposer
 
         backend = OpenAICompatibleProposer(config)
-    return Recorder(backend, cassette) if config.mode == "record" else backend
+    return Recorder(backend, cassette) if cassette is not None else backend

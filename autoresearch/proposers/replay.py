@@ -42,15 +42,21 @@ class Cassette:
 
 
 class Recorder:
-    """Pass calls through to ``inner`` and keep every reply in the cassette."""
+    """Pass calls through to ``inner``; the scheduler keeps the replies it used in the cassette.
+
+    Not ``complete`` itself: a reply that arrives after the scheduler's deadline
+    was not used (the sampler took that slot), and replaying it would run a
+    different study.
+    """
 
     def __init__(self, inner: Proposer, cassette: Cassette) -> None:
         self.model, self._inner, self._cassette = inner.model, inner, cassette
 
     def complete(self, prompt: Prompt) -> LLMReply:
-        reply = self._inner.complete(prompt)
+        return self._inner.complete(prompt)
+
+    def keep(self, prompt: Prompt, reply: LLMReply) -> None:
         self._cassette.put(prompt.key(self.model), self.model, reply)
-        return reply
 
 
 class Replayer:

@@ -7,7 +7,8 @@ that a restarted controller agrees) goes to the LLM when
 deduplicated proposal and asks it; any failure (timeout, HTTP error, invalid
 JSON, refusal, every proposal rejected, budget spent) asks the sampler
 instead and records why on the trial. The call runs on a helper thread with
-a hard deadline, so the controller never waits on the LLM for longer.
+a hard deadline, so the controller never waits longer on one call, and after
+a failure LLM slots go to the sampler for ``failure_cooldown_s``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import logging
 import math
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +29,7 @@ from ..spec import SpecError, StudySpec
 from .base import LLMReply, Prompt, Proposer, ProposerError
 from .factory import make_proposer, notes_path
 from .prompt import build_prompt
+from .replay import Recorder
 from .validate import Checked, Rejected, check, duplicate_of
 
 log = logging.getLogger("autoresearch.proposer")
@@ -73,6 +76,7 @@ class ProposalScheduler:
                  proposer: Proposer | None) -> None:
         self._spec, self._study, self._space, self._proposer = spec, study, space, proposer
         self._pending: list[Checked] = []
+        self._failed_at: float | None = None
         self.usage = Usage(**study.user_attrs.get(USAGE_ATTR, {}))
 
     def ask(self) -> int:
@@ -118,13 +122,20 @@ class ProposalScheduler:
             outcome.fallback = (f"LLM budget spent: {self.usage.calls} of {cap.max_calls} calls, "
                                 f"{self.usage.input_tokens + self.usage.output_tokens} of {cap.max_tokens} tokens")
             return outcome
+        if self._failed_at is not None and time.monotonic() - self._failed_at < cap.failure_cooldown_s:
+            # Several LLM slots in one round of asks must not each wait out a dead LLM's deadline.
+            outcome.fallback = (f"the last LLM call failed {time.monotonic() - self._failed_at:.0f} s ago; "
+                                f"the next is tried {cap.failure_cooldown_s:g} s after it")
+            return outcome
         try:
             accepted = self._call(trials, outcome)
         except Exception as error:  # noqa: BLE001 - whatever the LLM path raises, the slot goes to the sampler
             self.usage.failures += 1
             self._save_usage()
+            self._failed_at = time.monotonic()
             outcome.fallback = f"{type(error).__name__}: {str(error)[:300]}"
             return outcome
+        self._failed_at = None
         if not accepted:
             outcome.fallback = f"no acceptable proposal ({len(outcome.rejections)} rejected)"
             return outcome
@@ -142,6 +153,8 @@ class ProposalScheduler:
         prompt = build_prompt(self._spec, self._space, trials, notes, cap.proposals_per_call)
         self.usage.calls += 1  # a call that fails counts too: the cap bounds the time spent waiting as well
         reply = self._complete(prompt)
+        if isinstance(self._proposer, Recorder):  # only replies that arrived in time were used: keep those
+            self._proposer.keep(prompt, reply)
         self.usage.input_tokens += reply.input_tokens
         self.usage.output_tokens += reply.output_tokens
         self._save_usage()

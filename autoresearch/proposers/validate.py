@@ -62,6 +62,13 @@ def check(raw: Any, space: dict[str, BaseDistribution], *, clamp: bool) -> Check
     return Checked(params, rationale.strip()[:MAX_RATIONALE], adjustments)
 
 
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # a JSON integer too large for a float
+        return False
+
+
 def _fit(name: str, value: Any, distribution: BaseDistribution, clamp: bool, notes: list[str]) -> Any:
     if isinstance(distribution, CategoricalDistribution):
         for choice in distribution.choices:  # exact type first: True == 1 in Python
@@ -72,8 +79,8 @@ def _fit(name: str, value: Any, distribution: BaseDistribution, clamp: bool, not
                 return choice
         raise Rejected(f"{name}: {value!r} is not one of {list(distribution.choices)}")
     assert isinstance(distribution, (FloatDistribution, IntDistribution))
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise Rejected(f"{name}: {value!r} is not a finite number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
+        raise Rejected(f"{name}: {repr(value)[:40]} is not a finite number")
     fitted: float = value
     if distribution.step is not None:  # the nearest grid point (an int's grid has step 1)
         fitted = distribution.low + round((fitted - distribution.low) / distribution.step) * distribution.step

@@ -22,7 +22,7 @@ def proposer_section(backend: str, server: LLMServer | None, **options: object) 
                                      "api_version": backend.partition("-")[2]}
     else:
         fields = {"type": "openai", "model": "gemma-test", "base_url": f"{url}/v1"}
-    fields.update({"api_key": f"env:{LLM_KEY_ENV}", "share": 0.5, "timeout_s": 5, "max_retries": 2, "retry_delay_s": 0.01,
+    fields.update({"api_key": f"env:{LLM_KEY_ENV}", "share": 0.5, "timeout_s": 5, "max_retries": 2, "retry_delay_s": 0.01, "failure_cooldown_s": 0,
                    "proposals_per_call": 1})
     fields.update(options)
     return "[proposer]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in fields.items())

@@ -28,9 +28,9 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from autoresearch.controller import run_study
-from autoresearch.launchers import make_launcher
+from autoresearch.launchers import EXIT_TIMEOUT, make_launcher
 from autoresearch.launchers.k8s_jobs import JOB_NAME_LABEL, anchor_name, study_slug
-from autoresearch.launchers.kubernetes import EXIT_DEADLINE, EXIT_DELETED, EXIT_NEVER_STARTED, KubernetesLauncher
+from autoresearch.launchers.kubernetes import EXIT_DELETED, EXIT_NEVER_STARTED, KubernetesLauncher
 from autoresearch.spec import SpecError, StudySpec, load_spec
 from autoresearch.study import Tally, open_study
 from autoresearch.worker import run_worker
@@ -215,7 +215,7 @@ def test_a_job_past_its_deadline_exits_124(setup: Setup, cluster: Cluster) -> No
     cluster.set_status(worker.job, active=1, ready=1)
     cluster.finish(worker.job, "Failed", "DeadlineExceeded", "Job was active longer than specified deadline")
     setup.until(lambda: worker.exit_code() is not None, [worker], "the Job fail")
-    assert worker.exit_code() == EXIT_DEADLINE
+    assert worker.exit_code() == EXIT_TIMEOUT
     assert "DeadlineExceeded" in worker.reason
 
 
@@ -229,6 +229,24 @@ def test_a_job_that_never_starts_is_deleted_after_the_start_deadline(tmp_path: P
         made.until(lambda: worker.exit_code() is not None, [worker], "the start deadline")
         assert worker.exit_code() == EXIT_NEVER_STARTED and "never started within 0.5 s" in worker.reason
         assert cluster.jobs() == {} and len(cluster.deletes()) == 1
+    finally:
+        made.launcher.close()
+
+
+def test_a_job_suspended_in_a_queue_is_not_late(tmp_path: Path, postgres_url: str, cluster: Cluster) -> None:
+    made = Setup(load_spec(write_study(tmp_path, postgres_url, cluster.url, start_deadline_s=0.5)))
+    try:
+        made.launcher.adopt(made.study)
+        worker = made.launcher.launch(*made.ask(), None)
+        cluster.batch.patch_namespaced_job(worker.job, NS, {"spec": {"suspend": True}})  # as Kueue's webhook does
+        made.until(lambda: (made.launcher.watch.get(worker.job) or {}).get("spec", {}).get("suspend") is True,
+                   [worker], "the suspended Job")
+        for _ in range(4):  # twice the start deadline, queued
+            made.launcher.wait_any([worker], 0.25)
+            assert worker.exit_code() is None and worker.elapsed() < 0.5
+        cluster.batch.patch_namespaced_job(worker.job, NS, {"spec": {"suspend": False}})  # admitted, but no pod
+        made.until(lambda: worker.exit_code() is not None, [worker], "the start deadline")
+        assert worker.exit_code() == EXIT_NEVER_STARTED
     finally:
         made.launcher.close()
 
@@ -444,7 +462,7 @@ def test_a_refused_job_fails_at_once(setup: Setup, cluster: Cluster) -> None:
         "message": "jobs.batch is forbidden"}
     setup.launcher.adopt(setup.study)
     worker = setup.launcher.launch(*setup.ask(), None)
-    assert worker.exit_code() == 2 and worker.reason.startswith("Kubernetes refused the Job: 403")
+    assert worker.exit_code() == 2 and worker.reason.startswith("Kubernetes refused the Job or its owner ConfigMap: 403")
 
 
 def test_no_cluster_is_a_one_line_error(tmp_path: Path, postgres_url: str) -> None:

@@ -124,3 +124,14 @@ def test_instructions_in_a_reply_cannot_change_the_objective(tmp_path: Path, ser
     assert trials[3].user_attrs["proposer_fallback"] == "ProposerError: reply has unknown field(s) 'direction', 'objective'"
     assert trials[5].user_attrs["proposal_rejections"][0].startswith("unknown field(s) 'objective'")
     assert all(t.value == t.params["x"] for t in trials)
+
+
+def test_after_a_failure_llm_slots_go_to_the_sampler_for_the_cooldown(tmp_path: Path, server: LLMServer) -> None:
+    server.default = Action(status=503)
+    state, trials, study = run(write_study(tmp_path, proposer_section("gemini-v1beta", server, max_retries=0,
+                                                                      failure_cooldown_s=600)), n_trials=6)
+    assert state.complete == 6
+    slots = [t for t in trials if t.user_attrs.get("proposer_fallback")]
+    assert len(slots) == 3 and len(server.requests) == 1  # one call failed; the next two slots did not wait on it
+    assert all("the next is tried 600 s after it" in t.user_attrs["proposer_fallback"] for t in slots[1:])
+    assert study.user_attrs["proposer_usage"]["calls"] == 1

@@ -60,6 +60,7 @@ def test_numbers_are_clamped_snapped_to_steps_and_rounded_with_a_note() -> None:
     (with_params(loss="sgd"), "loss: 'sgd' is not one of ['ppo', 'dro']"),
     (with_params(lora_rank=float("nan")), "lora_rank: nan is not a finite number"),
     (with_params(lora_rank=True), "lora_rank: True is not a finite number"),
+    (with_params(lora_rank=10**400), "lora_rank: 1000000000000000000000000000000000000000 is not a finite number"),
     (with_params(learning_rate="1e-3"), "learning_rate: '1e-3' is not a finite number"),
     (with_params(metric="train_reward"), "not in the search space: metric"),
     ({**GOOD, "params": {"loss": "ppo"}}, "missing parameter(s): clip_low, learning_rate, lora_rank, rank_choice"),
