@@ -191,3 +191,21 @@ def test_each_trial_records_whether_it_looks_like_reward_hacking(study_file: Stu
         else:
             assert trial.user_attrs["reward_hacking"] is None
     assert any(t.params["x"] > 0.5 for t in done) and any(t.params["x"] <= 0.5 for t in done)
+
+
+def test_a_study_file_broken_mid_run_is_one_error_line_and_exit_2(study_file: StudyFactory) -> None:
+    from autoresearch.launchers import EXIT_CONFIG_ERROR
+    from autoresearch.launchers.local import LocalLauncher
+
+    path = study_file()
+    spec = load_spec(path)
+    launcher = LocalLauncher(spec)
+    path.write_text(path.read_text() + "\n[budget\n")  # edited into invalid TOML after the controller read it
+    try:
+        worker = launcher.launch(0, 1, None)
+        worker.proc.join(60)
+        assert worker.exit_code() == EXIT_CONFIG_ERROR
+    finally:
+        launcher.close()
+    log = (spec.trial_dir(0) / "worker.log").read_text().strip()
+    assert log.startswith("error: ") and "not valid TOML" in log and "Traceback" not in log and "\n" not in log
