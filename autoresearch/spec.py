@@ -32,19 +32,32 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class FloatParam(_Strict):
-    type: Literal["float"]
+class _Range(_Strict):
+    """A float range, optionally log-scaled: a searched float, or the bounds of a reward weight."""
+
     low: float
     high: float
     log: bool = False
-    step: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
-    def _check(self) -> "FloatParam":
+    def _check_range(self) -> "_Range":
         if self.low >= self.high:
             raise ValueError(f"low ({self.low}) must be below high ({self.high})")
         if self.log and self.low <= 0:
             raise ValueError("a log-scaled range needs low > 0")
+        return self
+
+
+class RewardRange(_Range):
+    """Bounds for one RewardConfig weight; StudySpec checks them against RewardConfig's own bounds."""
+
+
+class FloatParam(_Range):
+    type: Literal["float"]
+    step: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check_step(self) -> "FloatParam":
         if self.log and self.step is not None:
             raise ValueError("step and log cannot be combined")
         return self
@@ -79,22 +92,6 @@ class CategoricalParam(_Strict):
 
 
 Param = Annotated[Union[FloatParam, IntParam, CategoricalParam], Field(discriminator="type")]
-
-
-class RewardRange(_Strict):
-    """Bounds for one RewardConfig weight; checked against RewardConfig's own bounds."""
-
-    low: float
-    high: float
-    log: bool = False
-
-    @model_validator(mode="after")
-    def _check(self) -> "RewardRange":
-        if self.low >= self.high:
-            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
-        if self.log and self.low <= 0:
-            raise ValueError("a log-scaled range needs low > 0")
-        return self
 
 
 class DatasetSpec(_Strict):
