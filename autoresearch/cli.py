@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .spec import SpecError, StudySpec, load_spec
+from .spec import ENV_PREFIX, SpecError, StudySpec, load_spec
 from .study import Tally
 
 EXIT_USAGE = 2
@@ -55,7 +55,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         from .params import distributions
 
-        storage = spec.storage if (spec.storage or "").startswith("env:") else spec.storage_url
+        storage = spec.storage if (spec.storage or "").startswith(ENV_PREFIX) else spec.storage_url
         print(f"study {spec.name}: storage {storage}, run folder {spec.run_folder}")
         print(f"budget {args.n_trials or spec.budget.n_trials} trials, {spec.budget.parallel} in parallel, "
               f"timeout {spec.budget.timeout_s:g} s; sampler {spec.sampler.type}; pruner {spec.pruner.type}")

@@ -96,7 +96,7 @@ def _run(spec: StudySpec, budget: int, progress: Progress | None, poll_s: float)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         workers.update(launcher.adopt(study))
-        adopt_running(study, storage)
+        adopt_running(study, study_id, storage)
         with _trainer(spec) as trainer_url:
             state, last_look, last_reap = None, 0.0, 0.0
             while True:
@@ -105,7 +105,7 @@ def _run(spec: StudySpec, budget: int, progress: Progress | None, poll_s: float)
                 # a launch, or once per heartbeat interval; reap trials of other controllers only once per interval.
                 if state is None or exited or time.monotonic() - last_look > spec.heartbeat.interval_s:
                     if time.monotonic() - last_reap > spec.heartbeat.interval_s:
-                        reap_stale(study, storage, spec, owned=set(workers))
+                        reap_stale(study, study_id, storage, spec, owned=set(workers))
                         last_reap = time.monotonic()
                     state, last_look = tally(study), time.monotonic()
                     if progress:

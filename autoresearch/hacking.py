@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from optuna.trial import FrozenTrial
@@ -31,24 +32,29 @@ def _points(run_dir: str | Path | None) -> list[dict]:
     return points
 
 
-def eval_size(run_dir: str | Path | None) -> int | None:
-    """How many held-out examples each evaluation counted (the smallest, to be safe); None when not recorded."""
-    sizes = [int(p["n_eval"]) for p in _points(run_dir) if p.get("phase") == "eval" and p.get("n_eval")]
-    return min(sizes) if sizes else None
-
-
-def curves(run_dir: str | Path | None) -> tuple[list[float], list[float]]:
-    """(training reward per RL step, held-out accuracy from the start of reward-driven training on).
+@dataclass(frozen=True)
+class Curves:
+    """A trial's training reward per RL step, its held-out accuracy from the start of reward-driven training on,
+    and how many held-out examples each evaluation counted (the smallest, to be safe; None when not recorded).
 
     The held-out series starts at the untrained evaluation only when no SFT
     warm-up ran: after a warm-up, the untrained score says nothing about RL.
     """
+
+    train: list[float]
+    held: list[float]
+    n_eval: int | None
+
+
+def read_curves(run_dir: str | Path | None) -> Curves:
+    """The curves in the trial folder's ``metrics.jsonl``, read once."""
     points = _points(run_dir)
     train = [float(p["reward_mean"]) for p in points if p.get("phase") == "rl" and "reward_mean" in p]
     held = [float(p["eval_execution_accuracy"]) for p in points if p.get("phase") == "eval"]
     warmed_up = any(p.get("phase") == "sft" for p in points)
     untrained = [float(p["untrained_execution_accuracy"]) for p in points if p.get("phase") == "untrained"]
-    return train, (held if warmed_up else untrained[:1] + held)
+    sizes = [int(p["n_eval"]) for p in points if p.get("phase") == "eval" and p.get("n_eval")]
+    return Curves(train, held if warmed_up else untrained[:1] + held, min(sizes) if sizes else None)
 
 
 def noise(accuracy: float, n_eval: int | None) -> float:
@@ -58,13 +64,17 @@ def noise(accuracy: float, n_eval: int | None) -> float:
     return 2 * math.sqrt(2 * max(accuracy * (1 - accuracy), 1 / n_eval) / n_eval)
 
 
-def reward_hacking(trial: FrozenTrial) -> str | None:
-    """Why ``trial`` looks like reward hacking, or None."""
-    train, held = curves(trial.user_attrs.get("run_dir"))
+def hacking_evidence(curves: Curves) -> str | None:
+    """Why these curves look like reward hacking, or None."""
+    train, held, n_eval = curves.train, curves.held, curves.n_eval
     if len(train) < 2 or len(held) < 2 or not train[-1] > train[0]:
         return None
-    n_eval = eval_size(trial.user_attrs.get("run_dir"))
     if held[0] - held[-1] <= noise(held[0], n_eval):
         return None
     return (f"training reward rose {train[0]:.3f} -> {train[-1]:.3f} while held-out accuracy fell "
             f"{held[0]:.3f} -> {held[-1]:.3f}" + (f" (n={n_eval})" if n_eval else ""))
+
+
+def reward_hacking(trial: FrozenTrial) -> str | None:
+    """Why ``trial`` looks like reward hacking, or None."""
+    return hacking_evidence(read_curves(trial.user_attrs.get("run_dir")))

@@ -38,16 +38,15 @@ def fail_trial(study: optuna.Study, storage: RDBStorage, spec: StudySpec, trial_
     return True
 
 
-def reap_stale(study: optuna.Study, storage: RDBStorage, spec: StudySpec, owned: set[int]) -> list[int]:
+def reap_stale(study: optuna.Study, study_id: int, storage: RDBStorage, spec: StudySpec, owned: set[int]) -> list[int]:
     """Fail and retry RUNNING trials, not run by this controller, whose heartbeat is older than the grace period."""
-    study_id = storage.get_study_id_from_name(study.study_name)
     # RDBStorage has no public "stale trials" query; this is the one optuna.storages.fail_stale_trials uses.
     stale = [i for i in storage._get_stale_trial_ids(study_id) if i not in owned]
     reason = f"worker lost: no heartbeat for {spec.heartbeat.grace_s} s"
     return [i for i in stale if fail_trial(study, storage, spec, i, reason, retry=True)]
 
 
-def adopt_running(study: optuna.Study, storage: RDBStorage) -> None:
+def adopt_running(study: optuna.Study, study_id: int, storage: RDBStorage) -> None:
     """Beat once for every RUNNING trial an earlier controller left behind.
 
     A controller killed between asking a trial and recording its first
@@ -55,6 +54,5 @@ def adopt_running(study: optuna.Study, storage: RDBStorage) -> None:
     never counts as stale. After this beat it goes stale like any lost trial;
     a live orphaned worker keeps beating and finishes its trial undisturbed.
     """
-    study_id = storage.get_study_id_from_name(study.study_name)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number))

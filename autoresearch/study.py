@@ -31,15 +31,14 @@ def make_storage(spec: StudySpec, *, schema_checked: bool = False) -> RDBStorage
     ``schema_checked``: the controller already created and version-checked the
     tables, so a worker skips that (it costs a worker more than its bookkeeping).
     """
-    kwargs: dict[str, Any] = {}
-    if spec.storage_url.startswith("sqlite"):
+    url = spec.storage_url
+    sqlite = url.startswith("sqlite")
+    if sqlite:
         spec.run_folder.mkdir(parents=True, exist_ok=True)
-        # Several worker processes write to one file: wait for the lock instead of failing.
-        kwargs = {"connect_args": {"timeout": 60}}
-    else:
-        kwargs = {"pool_pre_ping": True}
+    # Several worker processes write to one SQLite file: wait for the lock instead of failing.
+    kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
     storage = RDBStorage(
-        spec.storage_url,
+        url,
         engine_kwargs=kwargs,
         heartbeat_interval=spec.heartbeat.interval_s,
         grace_period=spec.heartbeat.grace_s,
@@ -47,7 +46,7 @@ def make_storage(spec: StudySpec, *, schema_checked: bool = False) -> RDBStorage
         skip_compatibility_check=schema_checked,
         skip_table_creation=schema_checked,
     )
-    if spec.storage_url.startswith("sqlite"):
+    if sqlite:
         event.listen(storage.engine, "connect", _sqlite_for_many_writers)
         storage.engine.dispose()
     return storage

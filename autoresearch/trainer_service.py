@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from trainer_api.process import free_port  # no torch: the core install can import it
 
 from .spec import StudySpec
 
@@ -58,12 +59,6 @@ class TrainerService:
             self.proc.wait()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _command(*args: str) -> list[str]:
     return [sys.executable, "-m", "trainer_api", *args]
 
@@ -87,7 +82,7 @@ def base_model_path(spec: StudySpec) -> str:
 
 def start_trainer(spec: StudySpec) -> TrainerService:
     """Start ``python -m trainer_api serve`` on a free port and wait until it answers its health check."""
-    port = _free_port()
+    port = free_port()
     log_path = spec.run_folder / "trainer.log"
     # --exit-with-parent: a controller killed with SIGKILL cannot stop the service, so the service watches for that.
     cmd = _command("serve", "--base-model", base_model_path(spec), "--port", str(port), "--api-key", spec.training.api_key,

@@ -82,6 +82,10 @@ class _Policy:
         found = response.json() if response.status_code == 200 else {}
         return {"device": found.get("device"), "device_seconds": found.get("device_seconds")}
 
+    def sampling_client(self) -> Any:
+        """A sampling client on the adapter's current weights (a frozen snapshot the service keeps)."""
+        return self.training.save_weights_and_get_sampling_client().result()
+
     def release(self) -> None:
         """Unload the adapter and its optimizer state from the shared service (its saved checkpoint stays).
 
@@ -173,18 +177,18 @@ def _rl_step(policy: _Policy, batch: list[Example], reward: RewardConfig, seed: 
     (measured on the tiny study: held-out accuracy to 0 and degenerate text).
     """
     hp, types = policy.hp, policy.tinker.types
-    sampler = policy.training.save_weights_and_get_sampling_client().result()
+    sampler = policy.sampling_client()
     prompts = [policy.prompt_tokens(e) for e in batch]
     groups = policy.sample(sampler, prompts, hp.samples_per_prompt, hp.temperature, seed=seed)
     scores = iter(score_batch([Submission(e, policy.decode(s.tokens)) for e, seqs in zip(batch, groups) for s in seqs],
                               reward=reward))
     data, rewards, matches = [], [], 0
+    completions = len(batch) * hp.samples_per_prompt
     for prompt, seqs in zip(prompts, groups):
         group = [next(scores) for _ in seqs]
         rewards += [s.reward for s in group]
         matches += sum(s.execution_match for s in group)
         advantages = group_advantages([s.reward for s in group])
-        completions = len(batch) * hp.samples_per_prompt
         data += [_rl_datum(types, prompt, seq, adv / (len(seq.tokens) * completions))
                  for seq, adv in zip(seqs, advantages) if adv != 0.0 and seq.tokens]
     out = policy.step(data, hp.loss, hp.loss_config()) if data else {}
@@ -197,6 +201,12 @@ def group_advantages(rewards: Sequence[float]) -> list[float]:
     mean = sum(rewards) / len(rewards)
     std = (sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5
     return [0.0 if std < 1e-8 else (r - mean) / std for r in rewards]
+
+
+def _accuracy(matches: list[bool | None]) -> tuple[float, int]:
+    """Execution accuracy over the examples that count (a broken gold, None, does not), and how many counted."""
+    counted = [m for m in matches if m is not None]
+    return (sum(counted) / len(counted) if counted else 0.0), len(counted)
 
 
 def _evaluate(policy: _Policy, sampler: Any, examples: list[Example], reward: RewardConfig) -> tuple[list[bool | None], list[dict[str, Any]]]:
@@ -263,7 +273,7 @@ def run_trial(
     def evaluate(step: int, final: bool) -> float:
         """Held-out execution accuracy now. WilcoxonPruner compares trials example by example, so with it the
         final evaluation runs in chunks and reports each example's match as a step; other pruners get the curve."""
-        sampler = policy.training.save_weights_and_get_sampling_client().result()
+        sampler = policy.sampling_client()
         per_example = wilcoxon and final
         chunk = WILCOXON_CHUNK if per_example else len(held_out)
         matches: list[bool | None] = []
@@ -277,9 +287,8 @@ def run_trial(
                         optuna_trial.report(float(match), index)
                 if optuna_trial.should_prune():
                     raise optuna.TrialPruned(f"pruned by the Wilcoxon test after {len(matches)} held-out examples")
-        counted = [m for m in matches if m is not None]
-        accuracy = sum(counted) / len(counted) if counted else 0.0
-        record({"phase": "eval", "step": step, "eval_execution_accuracy": accuracy, "n_eval": len(counted)})
+        accuracy, counted = _accuracy(matches)
+        record({"phase": "eval", "step": step, "eval_execution_accuracy": accuracy, "n_eval": counted})
         with open(run_dir / "predictions.jsonl", "w") as out:
             out.writelines(json.dumps(row) + "\n" for row in rows)
         if optuna_trial is not None and not wilcoxon:
@@ -291,9 +300,8 @@ def run_trial(
     def evaluate_untrained() -> float:
         """Held-out accuracy of the adapter before any training (LoRA starts as the identity, so: the base
         model's), recorded as the ``untrained`` point: the baseline a trial's final accuracy is read against."""
-        sampler = policy.training.save_weights_and_get_sampling_client().result()
-        matches = [m for m in _evaluate(policy, sampler, held_out, reward)[0] if m is not None]
-        accuracy = sum(matches) / len(matches) if matches else 0.0
+        sampler = policy.sampling_client()
+        accuracy, _ = _accuracy(_evaluate(policy, sampler, held_out, reward)[0])
         record({"phase": "untrained", "step": 0, "untrained_execution_accuracy": accuracy})
         return accuracy
 

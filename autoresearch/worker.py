@@ -26,7 +26,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
-from .hacking import reward_hacking
+from .hacking import hacking_evidence, read_curves
 from .params import split_params
 from .spec import StudySpec
 from .study import make_storage, open_study
@@ -119,6 +119,6 @@ def run_worker(spec: StudySpec, number: int, trainer_url: str | None = None, ope
             value, state = None, TrialState.FAIL
         trial.set_user_attr("wall_seconds", round(time.monotonic() - started, 3))
         if state != TrialState.FAIL:  # the evidence, or None: shown in optuna-dashboard and the report
-            trial.set_user_attr("reward_hacking", reward_hacking(storage.get_trial(trial_id)))
+            trial.set_user_attr("reward_hacking", hacking_evidence(read_curves(run_dir)))
         study.tell(number, value, state=state)
     return 1 if state == TrialState.FAIL else 0

@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..spec import REWARD_PREFIX, StudySpec
 from .base import Prompt
-from ..hacking import curves, reward_hacking
+from ..hacking import hacking_evidence, read_curves
 
 OPEN, CLOSE = "<<<UNTRUSTED>>>", "<<<END UNTRUSTED>>>"
 SAMPLE_PREDICTIONS = 3
@@ -92,12 +92,13 @@ def trial_record(trial: FrozenTrial, quote_chars: int) -> dict[str, Any]:
     for key in ("untrained_eval_execution_accuracy", "train_reward_mean"):
         if attrs.get(key) is not None:
             record[key] = _round(attrs[key])
-    train, held = curves(attrs.get("run_dir"))
+    curves = read_curves(attrs.get("run_dir"))
+    train, held = curves.train, curves.held
     if train:
         record["train_reward_first_last"] = [_round(train[0]), _round(train[-1])]
     if held:
         record["held_out_first_last"] = [_round(held[0]), _round(held[-1])]
-    hacking = reward_hacking(trial)
+    hacking = hacking_evidence(curves)
     if hacking:
         record["reward_hacking"] = hacking
     if trial.state == TrialState.FAIL and attrs.get("failure_reason"):

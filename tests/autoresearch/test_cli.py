@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,14 +12,9 @@ import pytest
 
 from autoresearch.cli import main
 from autoresearch.spec import load_spec
+from trainer_api.process import free_port
 from tests.autoresearch.conftest import StudyFactory
 from tests.autoresearch.helpers import REPO, wait_for
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -65,7 +59,6 @@ def test_report_writes_markdown_and_plots(finished: Path, capsys: pytest.Capture
 
 def test_best_before_any_completed_trial_is_an_error(study_file: StudyFactory, capsys: pytest.CaptureFixture[str]) -> None:
     path = study_file()
-    load_spec(path)
     from autoresearch.study import open_study
 
     open_study(load_spec(path), create=True)
