@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from . import metrics, wire
-from .checkpoints import CheckpointError, CheckpointNotFound, checkpoint_ref, parse_path
+from .checkpoints import CheckpointError, CheckpointNotFound, checkpoint_ref, iso, parse_path
 from .engine import BASE_SNAPSHOT, AdamStep, Engine, LoraSpec, NotFound, ServiceError, UserError
 from .futures import FutureStore
 from .losses import LossConfigError
@@ -48,7 +48,7 @@ from .schemas import (
     TtlBody,
     WeightsInfoBody,
 )
-from .service import Service, SessionState, iso
+from .service import Service, SessionState
 
 log = logging.getLogger("trainer_api.app")
 

@@ -103,7 +103,8 @@ def check_name(name: str) -> str:
     return name
 
 
-def _iso(ts: float) -> str:
+def iso(ts: float) -> str:
+    """An epoch timestamp as the ISO 8601 string the SDK's datetime fields parse."""
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
 
 
@@ -253,12 +254,12 @@ class CheckpointStore:
                     {
                         "checkpoint_id": ref.checkpoint_id,
                         "checkpoint_type": checkpoint_type,
-                        "time": _iso(meta["created_at"]),
+                        "time": iso(meta["created_at"]),
                         "tinker_path": ref.tinker_path,
                         "size_bytes": self.size(ref),
                         "public": False,
                         "user_metadata": meta.get("user_metadata"),
-                        "expires_at": _iso(meta["expires_at"]) if meta.get("expires_at") else None,
+                        "expires_at": iso(meta["expires_at"]) if meta.get("expires_at") else None,
                     }
                 )
         return sorted(out, key=lambda c: c["time"])

@@ -44,6 +44,7 @@ _ATTN_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 _MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]
 _UNEMBED_MODULES = ["lm_head"]
 LORA_ALPHA = 32
+TOKEN_WINDOW_S = 60.0  # the window of the tokens-per-second gauge
 """Fixed LoRA alpha, so that a learning rate means the same thing at every rank."""
 
 
@@ -528,12 +529,19 @@ class Engine:
                 with self._lock:
                     self._device_seconds[model_id] = self._device_seconds.get(model_id, 0.0) + time.perf_counter() - started
 
-    def tokens_per_second(self, window: float = 60.0) -> float:
+    def _count_tokens(self, n: int) -> None:
+        """Count ``n`` processed tokens; call with ``_lock`` held. Entries older than the window are dropped here,
+        not only when ``/metrics`` is scraped, so the window stays bounded on a service nobody scrapes."""
+        now = time.time()
+        self.tokens_total += n
+        self._token_window.append((now, n))
+        while self._token_window[0][0] < now - TOKEN_WINDOW_S:
+            self._token_window.popleft()
+
+    def tokens_per_second(self) -> float:
         now = time.time()
         with self._lock:
-            while self._token_window and self._token_window[0][0] < now - window:
-                self._token_window.popleft()
-            return sum(n for _, n in self._token_window) / window
+            return sum(n for t, n in self._token_window if t >= now - TOKEN_WINDOW_S) / TOKEN_WINDOW_S
 
     def close(self) -> None:
         self._stop.set()
@@ -694,8 +702,9 @@ class Engine:
         with self._lock:
             self.forward_passes += 1
             self.forward_requests += len(reqs)
-            self.tokens_total += n_tokens
-            self._token_window.append((time.time(), n_tokens))
+            self._count_tokens(n_tokens)
+        # One copy to the host for the whole batch, not two per datum.
+        host_lp, host_loss = flat_lp.detach().cpu().numpy(), result.elementwise_loss.detach().cpu().numpy()
         flat_lp = flat_lp.detach()
         outputs: list[ForwardBackwardOut] = []
         start = 0
@@ -707,8 +716,8 @@ class Engine:
                 n = lengths[datum_index]
                 per_datum.append(
                     {
-                        "logprobs": flat_lp[start : start + n].cpu().numpy(),
-                        "elementwise_loss": result.elementwise_loss[start : start + n].cpu().numpy(),
+                        "logprobs": host_lp[start : start + n],
+                        "elementwise_loss": host_loss[start : start + n],
                     }
                 )
                 start += n
@@ -803,6 +812,5 @@ class Engine:
         with self._lock:
             self.sample_batches += 1
             self.sample_requests += len(tasks)
-            self.tokens_total += n
-            self._token_window.append((time.time(), n))
+            self._count_tokens(n)
         return outs

@@ -6,18 +6,13 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Callable
 
+from .checkpoints import iso
 from .engine import Engine, NotFound, ServiceError, UserError
 from .futures import FutureStore
 
 log = logging.getLogger("trainer_api.service")
-
-
-def iso(ts: float) -> str:
-    """An epoch timestamp as the ISO 8601 string the SDK's datetime fields parse."""
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
 
 
 @dataclass
