@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 from tinker import types
@@ -49,8 +51,9 @@ def test_each_tenant_is_charged_for_its_own_training_and_sampling(http, service_
     assert f'trainer_tenant_device_seconds_total{{model_id="{idle.model_id}"}}' in metrics
 
     rid = http.post("/api/v1/unload_model", json={"model_id": busy.model_id}).json()["request_id"]
+    deadline = time.monotonic() + 60
     while http.post("/api/v1/retrieve_future", json={"request_id": rid}).json().get("type") == "try_again":
-        pass
+        assert time.monotonic() < deadline, "unload_model never finished"
     assert usage(http, busy.model_id)["device_seconds"] == sampled  # a finished trial reads its cost after unload
 
 
