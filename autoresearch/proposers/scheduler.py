@@ -231,11 +231,10 @@ def parse_reply(text: str) -> tuple[str | None, list[Any]]:
 
 
 def _note(target: optuna.Study | optuna.Trial, body: str) -> None:
-    """An optuna-dashboard note (Markdown) on the study or trial; a missing dashboard package only loses the note."""
-    try:
-        from optuna_dashboard import save_note
-    except ImportError:
-        return
+    """An optuna-dashboard note (Markdown) on the study or trial; imported here, when the LLM has proposed
+    something, rather than by every controller at start-up."""
+    from optuna_dashboard import save_note
+
     save_note(target, body)
 
 
