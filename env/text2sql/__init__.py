@@ -15,11 +15,13 @@ from .extract import extract_sql
 from .pool import ScorerSpec, ScoringPool, score_batch
 from .reward import RewardConfig
 from .scorer import Score, Scorer, Submission
+from .suite import Suite, SuiteOptions, build_suite
 from .verdict import Verdict
 
 __all__ = [
     "Backend", "Example", "Limits", "QueryFailed", "RewardConfig", "SQLiteBackend", "Score", "Scorer",
-    "ScorerSpec", "ScoringPool", "Submission", "Verdict", "extract_sql", "make_backend", "score", "score_batch",
+    "ScorerSpec", "ScoringPool", "Submission", "Suite", "SuiteOptions", "Verdict", "build_suite", "extract_sql",
+    "make_backend", "score", "score_batch",
 ]
 
 _default_scorer: Scorer | None = None

@@ -4,23 +4,33 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Iterator, TextIO
 
 from .backends import Limits
 from .example import Example
 from .pool import score_batch
 from .reward import RewardConfig
-from .scorer import Score, Submission
+from .scorer import VERDICT_METHODS, Score, Submission, VerdictMethod
+from .suite import SuiteOptions
+from .suite_cache import default_cache_dir
 
 INVALID_INPUT = "invalid_input"
 """Verdict of an input line that could not be read: no prediction was scored."""
 
 
-def _parse_line(line: str, number: int) -> Submission:
+def _parse_line(line: str, number: int, shared: dict | None = None) -> Submission:
+    """One input line as a submission; raises ``ValueError`` saying what is wrong with it.
+
+    ``shared`` (one dict for a whole file) maps each schema, gold, question,
+    id and dialect string, and each example, to the first equal one seen, so
+    the lines of one example share one object: less memory, and pickling a
+    chunk of predictions for a worker sends each schema once, not per line.
+    """
     if not line.strip():
         raise ValueError(f"line {number}: empty line")
     try:
@@ -35,8 +45,16 @@ def _parse_line(line: str, number: int) -> Submission:
     wrong = [key for key in ("schema", "gold", "prediction", "dialect") if key in row and not isinstance(row[key], str)]
     if wrong:
         raise ValueError(f"line {number}: key(s) {', '.join(wrong)} must be strings")
-    example = Example(id=str(row["id"]), question=str(row.get("question", "")), schema=row["schema"], gold=row["gold"])
-    return Submission(example, row["prediction"], row.get("dialect") or "sqlite")
+    seen = {} if shared is None else shared
+    identifier, question = str(row["id"]), str(row.get("question", ""))
+    identifier, question = seen.setdefault(identifier, identifier), seen.setdefault(question, question)
+    schema, gold = seen.setdefault(row["schema"], row["schema"]), seen.setdefault(row["gold"], row["gold"])
+    dialect = row.get("dialect") or "sqlite"
+    key = (identifier, question, schema, gold)
+    example = seen.get(key)
+    if example is None:
+        example = seen[key] = Example(id=identifier, question=question, schema=schema, gold=gold)
+    return Submission(example, row["prediction"], seen.setdefault(dialect, dialect))
 
 
 def _error_record(line: str, message: str) -> dict[str, Any]:
@@ -44,58 +62,89 @@ def _error_record(line: str, message: str) -> dict[str, Any]:
         identifier = json.loads(line).get("id")
     except (json.JSONDecodeError, AttributeError):
         identifier = None
-    return {"id": identifier, "verdict": INVALID_INPUT, "execution_match": False, "reward": None, "error": message}
+    return {"id": identifier, "verdict": INVALID_INPUT, "execution_match": False, "reward": None, "error": message,
+            "method": None, "databases": 0, "weak_gold": False}
 
 
-def score_file(source: TextIO, sink: TextIO, *, workers: int, backend: str, reward: RewardConfig, limits: Limits) -> Counter:
-    """Score a JSONL stream into a JSONL stream, one output line per input line, in order."""
-    lines = source.read().splitlines()
-    records: list[dict[str, Any] | None] = [None] * len(lines)
-    submissions: list[Submission] = []
+def score_file(source: TextIO, sink: TextIO, *, workers: int, backend: str, reward: RewardConfig, limits: Limits,
+               verdict: VerdictMethod = "test_suite", suite: SuiteOptions | None = None,
+               suite_cache: str | None = None) -> tuple[Counter, set[str]]:
+    """Score a JSONL stream into a JSONL stream, one output line per input line, in order.
+
+    Returns how many lines got each verdict, and the ids of the examples whose gold is weak (its suite
+    cannot tell it from most of its neighbours), for the summary line.
+    """
+    records: list[dict[str, Any] | None] = []
     positions: list[int] = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            submissions.append(_parse_line(line, number))
+    shared: dict = {}
+
+    def submissions() -> Iterator[Submission]:
+        # A generator, so the pool scores the first lines while later ones are read and parsed. A
+        # file's lines end at its newlines only; str.splitlines would also split at U+2028 and other
+        # separators that JSON allows inside a string.
+        for number, line in enumerate(source, start=1):
+            line = line[:-1] if line.endswith("\n") else line
+            records.append(None)
+            try:
+                submission = _parse_line(line, number, shared)
+            except ValueError as error:
+                records[number - 1] = _error_record(line, str(error))
+                continue
             positions.append(number - 1)
-        except ValueError as error:
-            records[number - 1] = _error_record(line, str(error))
-    scores: list[Score] = score_batch(submissions, workers=workers, backend=backend, reward=reward, limits=limits)
+            yield submission
+
+    scores: list[Score] = score_batch(submissions(), workers=workers, backend=backend, reward=reward, limits=limits,
+                                      verdict=verdict, suite=suite, suite_cache=suite_cache)
     for position, result in zip(positions, scores):
         records[position] = result.to_record()
     counts: Counter = Counter()
+    weak: set[str] = set()
     for record in records:
         counts[record["verdict"]] += 1
+        if record["weak_gold"]:
+            weak.add(str(record["id"]))
         sink.write(json.dumps(record) + "\n")
-    return counts
+    return counts, weak
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
     reward = RewardConfig.from_dict(json.loads(Path(args.reward).read_text())) if args.reward else RewardConfig()
     limits = Limits(timeout_s=args.timeout)
+    suite = SuiteOptions(size=args.suite_size, candidates=args.suite_candidates)
     started = time.perf_counter()
     with open(args.input, encoding="utf-8") as source:
         sink = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
         try:
-            counts = score_file(source, sink, workers=args.workers, backend=args.backend, reward=reward, limits=limits)
+            counts, weak = score_file(source, sink, workers=args.workers, backend=args.backend, reward=reward, limits=limits,
+                                verdict=args.verdict, suite=suite,
+                                suite_cache=None if args.no_suite_cache else str(args.suite_cache))
         finally:
             if args.output:
                 sink.close()
     summary = ", ".join(f"{verdict} {count}" for verdict, count in counts.most_common())
     print(f"scored {sum(counts.values())} line(s) in {time.perf_counter() - started:.2f}s: {summary}", file=sys.stderr)
+    if weak:
+        shown = ", ".join(sorted(weak)[:10]) + (", ..." if len(weak) > 10 else "")
+        print(f"{len(weak)} line(s) have a weak gold, which even its test suite cannot tell from most of its "
+              f"neighbour queries (a match there says little): {shown}", file=sys.stderr)
     return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .data import generate
+    from .data import generate_with_report
 
-    train, held_out = generate(args.train, args.eval, seed=args.seed)
+    train, held_out, report = generate_with_report(args.train, args.eval, seed=args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, examples in (("train", train), ("eval", held_out)):
         with open(out / f"{name}.jsonl", "w", encoding="utf-8") as sink:
             for example in examples:
                 sink.write(json.dumps(example.to_dict()) + "\n")
-    print(f"wrote {len(train)} train and {len(held_out)} eval examples to {out}/", file=sys.stderr)
+    print(
+        f"wrote {len(train)} train and {len(held_out)} eval examples to {out}/ "
+        f"(redrew {report.degenerate} degenerate candidates)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -136,10 +185,22 @@ def build_parser() -> argparse.ArgumentParser:
     score = commands.add_parser("score", help="score predictions in a JSONL file; prints one JSON object per line")
     score.add_argument("input", help="JSONL with keys id, schema, gold, prediction and optional dialect")
     score.add_argument("-o", "--output", help="write results here instead of standard output")
-    score.add_argument("--workers", type=int, default=1, help="scoring processes (0: in this process, no hard kill)")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    score.add_argument("--workers", type=int, default=min(2, cpus),
+                       help="scoring processes (0: in this process, no hard kill; default 2, or 1 on one CPU)")
     score.add_argument("--backend", default="sqlite", help="'sqlite' or a postgresql:// or mysql:// URL")
     score.add_argument("--reward", help="JSON file with RewardConfig weights (default weights otherwise)")
     score.add_argument("--timeout", type=float, default=Limits().timeout_s, help="wall-clock seconds per query")
+    score.add_argument("--verdict", choices=VERDICT_METHODS, default="test_suite",
+                       help="test_suite (default: match on every database of the gold's test suite) or single_database "
+                            "(the example's own database only; accepts wrong queries)")
+    score.add_argument("--suite-size", type=int, default=SuiteOptions().size,
+                       help="databases per test suite, the example's own included (default %(default)s)")
+    score.add_argument("--suite-candidates", type=int, default=SuiteOptions().candidates,
+                       help="random databases tried per gold when distilling its suite (default %(default)s)")
+    score.add_argument("--suite-cache", default=default_cache_dir(), metavar="DIR",
+                       help="folder that keeps distilled suites across runs (default %(default)s, or $TEXT2SQL_CACHE)")
+    score.add_argument("--no-suite-cache", action="store_true", help="distil every suite afresh and keep none")
     score.set_defaults(run=_cmd_score)
 
     generate = commands.add_parser("generate", help="write a synthetic train/eval dataset as JSONL")

@@ -4,13 +4,21 @@ Work is cached at three levels, because GRPO groups repeat completions and
 datasets repeat schemas: each schema's database is built once (by the
 backend), each gold query runs and parses once, and each distinct extracted
 prediction is executed once per example.
+
+The verdict is test-suite execution accuracy (:mod:`.suite`): a prediction
+matches only if it returns the gold's rows on every database of the gold's
+suite. It runs on the example's own database first, and a suite is built only
+for a gold that some prediction matches there, so wrong answers cost one
+query and no fuzzing.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import sqlglot
 from sqlglot import exp
@@ -21,7 +29,15 @@ from .example import Example
 from .extract import extract_sql
 from .gate import is_ordered, node_bag, parse_query, referenced_names, to_dialect
 from .reward import Credit, RewardConfig, compute_reward
+from .suite import Suite, SuiteOptions, build_suite
+from .suite_cache import SuiteCache
 from .verdict import Verdict
+
+_COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
+"""SQL comments: a prediction of nothing else runs no statement, and must not earn ``executes``."""
+
+VerdictMethod = Literal["test_suite", "single_database"]
+VERDICT_METHODS: tuple[str, ...] = ("test_suite", "single_database")
 
 
 @dataclass(frozen=True)
@@ -42,6 +58,12 @@ class Score:
     reward: float
     error: str | None = None
     sql: str = ""
+    method: str = "test_suite"
+    """The verdict that produced this score: ``test_suite`` or ``single_database``."""
+    databases: int = 1
+    """Databases the prediction was compared on (one for anything that did not match on the first)."""
+    weak_gold: bool = False
+    """The gold's suite cannot tell it apart from most of its neighbour queries: a match says little."""
 
     @property
     def execution_match(self) -> bool:
@@ -55,6 +77,9 @@ class Score:
             "execution_match": self.execution_match,
             "reward": self.reward,
             "error": self.error,
+            "method": self.method,
+            "databases": self.databases,
+            "weak_gold": self.weak_gold,
         }
 
 
@@ -71,6 +96,10 @@ class _Gold:
         self.dialect = dialect
         self.rows = rows
         self._tree = tree
+        self.suite: Suite | None = None
+        """Built on the first prediction that matches on the example's own database."""
+        self.suite_rows: list[tuple[Example, list[NormalRow]]] = []
+        """The gold's rows on each further database of the suite that it runs on in this backend."""
 
     @property
     def tree(self) -> exp.Expr:
@@ -78,9 +107,9 @@ class _Gold:
             self._tree = _parse_gold(self.sql, self.dialect)
         return self._tree
 
-    @property
-    def ordered(self) -> bool:
-        if len(self.rows) < 2 or "order" not in self.sql.lower():
+    def ordered(self, rows: list[NormalRow]) -> bool:
+        """Whether row order is part of an answer of these rows (it cannot be for fewer than two)."""
+        if len(rows) < 2 or "order" not in self.sql.lower():
             return False
         return is_ordered(self.tree)
 
@@ -92,6 +121,8 @@ class _Outcome:
     verdict: Verdict
     error: str | None = None
     credit: Credit = Credit()
+    databases: int = 1
+    weak_gold: bool = False
 
 
 class Scorer:
@@ -101,6 +132,11 @@ class Scorer:
     the SQLite sandbox alone would refuse it; otherwise a SQLite-dialect
     prediction on SQLite is parsed only when an AST-based reward part is
     weighted, which keeps parsing off the hot path.
+
+    ``verdict`` is ``test_suite`` (the objective's) or ``single_database``
+    (the example's own database only, as BIRD and most RL recipes score:
+    it accepts wrong queries), ``suite`` says how suites are built, and
+    ``suite_cache`` names a folder that keeps them across processes.
     """
 
     def __init__(
@@ -111,10 +147,18 @@ class Scorer:
         limits: Limits | None = None,
         strict_gate: bool = False,
         cache_size: int = 65_536,
+        verdict: VerdictMethod = "test_suite",
+        suite: SuiteOptions | None = None,
+        suite_cache: str | os.PathLike[str] | None = None,
     ) -> None:
+        if verdict not in VERDICT_METHODS:
+            raise ValueError(f"unknown verdict {verdict!r}; choose from {', '.join(VERDICT_METHODS)}")
         self.backend = make_backend(backend, limits) if isinstance(backend, str) else backend
         self.reward = reward or RewardConfig()
         self.strict_gate = strict_gate
+        self.verdict = verdict
+        self.suite_options = suite or SuiteOptions()
+        self._suite_cache = SuiteCache(suite_cache) if suite_cache is not None else None
         self.cache_size = cache_size
         self._gold: dict[tuple[str, str, str], _Gold | QueryFailed] = {}
         self._outcomes: OrderedDict[tuple, _Outcome] = OrderedDict()
@@ -125,7 +169,7 @@ class Scorer:
         sql = extract_sql(prediction)
         outcome = self._outcome(example, sql, dialect, config.needs_overlap, config.needs_ast)
         value = compute_reward(outcome.verdict, outcome.credit, len(prediction), config)
-        return Score(example.id, outcome.verdict, value, outcome.error, sql)
+        return Score(example.id, outcome.verdict, value, outcome.error, sql, self.verdict, outcome.databases, outcome.weak_gold)
 
     def score_submission(self, submission: Submission, reward: RewardConfig | None = None) -> Score:
         return self.score(submission.example, submission.prediction, dialect=submission.dialect, reward=reward)
@@ -157,8 +201,9 @@ class Scorer:
             return _Outcome(Verdict.GOLD_ERROR, gold.message)
         if "\x00" in sql:
             return _Outcome(Verdict.INVALID, "prediction contains a NUL byte")
-        if not sql:
-            return _Outcome(Verdict.INVALID, "no SQL found in the prediction")
+        if not sql or not _COMMENTS.sub("", sql).strip(" \t\r\n;"):
+            return _Outcome(Verdict.INVALID, "no SQL statement in the prediction (only comments or whitespace)" if sql
+                            else "no SQL found in the prediction")
         limit = self.backend.limits.max_query_bytes
         if len(sql.encode("utf-8", "surrogatepass")) > limit:
             return _Outcome(Verdict.RESOURCE_LIMIT, f"query is longer than {limit} bytes")
@@ -169,13 +214,55 @@ class Scorer:
         except QueryFailed as failure:
             return _Outcome(failure.verdict, failure.message)
         try:
-            match = results_match(gold.rows, rows, ordered=False) and (
-                not gold.ordered or results_match(gold.rows, rows, ordered=True)
-            )
+            match = _matches(gold, gold.rows, rows)
             credit = _credit(gold, rows, tree, needs_overlap)
         except QueryFailed as failure:
             return _Outcome(failure.verdict, failure.message)
-        return _Outcome(Verdict.MATCH if match else Verdict.MISMATCH, None, credit)
+        if not match or self.verdict == "single_database":
+            return _Outcome(Verdict.MATCH if match else Verdict.MISMATCH, None, credit)
+        return self._on_suite(example, gold, runnable, credit)
+
+    def _on_suite(self, example: Example, gold: _Gold, runnable: str, credit: Credit) -> _Outcome:
+        """A prediction that matched on the example's own database, checked on the rest of the gold's suite."""
+        self._ensure_suite(example, gold)
+        weak = gold.suite is not None and gold.suite.weak
+        for number, (database, gold_rows) in enumerate(gold.suite_rows, start=2):
+            total = len(gold.suite_rows) + 1
+            try:
+                rows = self.backend.run(database, runnable)
+            except QueryFailed as failure:
+                reason = f"fails on test-suite database {number} of {total} ({failure.verdict.value}): {failure.message}"
+                return _Outcome(Verdict.MISMATCH, reason, credit, number, weak)
+            if not _matches(gold, gold_rows, rows):
+                reason = f"result differs from the gold's on test-suite database {number} of {total}"
+                return _Outcome(Verdict.MISMATCH, reason, credit, number, weak)
+        return _Outcome(Verdict.MATCH, None, credit, len(gold.suite_rows) + 1, weak)
+
+    def _ensure_suite(self, example: Example, gold: _Gold) -> None:
+        """Build the gold's suite once, and run the gold on each of its databases in this backend.
+
+        A generated database on which the gold fails in this backend (an
+        engine's own limits) is left out rather than counted against anyone.
+        """
+        if gold.suite is not None:
+            return
+        limits = self.backend.limits
+        if self._suite_cache is not None:
+            gold.suite = self._suite_cache.suite(example, self.suite_options, limits)
+        else:
+            gold.suite = build_suite(example, self.suite_options, limits)
+        for database in gold.suite.databases[1:]:
+            result = self._run_gold(database)
+            if isinstance(result, _Gold):
+                gold.suite_rows.append((database, result.rows))
+
+    def suite_for(self, example: Example) -> Suite | None:
+        """The example's suite (built now if need be), or None when its gold does not run."""
+        gold = self._gold_for(example)
+        if isinstance(gold, QueryFailed):
+            return None
+        self._ensure_suite(example, gold)
+        return gold.suite
 
     def _gate(self, sql: str, dialect: str, needs_ast: bool) -> exp.Expr | None:
         """Parse when something needs the tree or the sandbox alone is not the barrier."""
@@ -201,6 +288,11 @@ class Scorer:
             if failure.verdict is Verdict.GOLD_ERROR:
                 return failure
             return QueryFailed(Verdict.GOLD_ERROR, f"gold query failed ({failure.verdict.value}): {failure.message}")
+
+
+def _matches(gold: _Gold, expected: list[NormalRow], rows: list[NormalRow]) -> bool:
+    """The execution-match rule: rows as a multiset, and in order when the gold's outermost query sorts."""
+    return results_match(expected, rows, ordered=False) and (not gold.ordered(expected) or results_match(expected, rows, ordered=True))
 
 
 def _parse_gold(sql: str, dialect: str) -> exp.Expr:

@@ -23,7 +23,7 @@ def test_one_record_per_line_in_order_and_bad_lines_do_not_stop_the_run(tmp_path
         row("good", f"```sql\n{CORRECT}\n```"),
         "{not json",
         json.dumps({"id": "partial", "schema": SCHEMA}),
-        row("tsql", "SELECT TOP 5 name FROM employees WHERE salary > 90 ORDER BY name", dialect="tsql"),
+        row("tsql", "SELECT [name] FROM [employees] WHERE salary > 90 ORDER BY [name]", dialect="tsql"),
         "",
         row("evil", "DROP TABLE employees"),
         json.dumps(["a", "list"]),
@@ -37,7 +37,8 @@ def test_one_record_per_line_in_order_and_bad_lines_do_not_stop_the_run(tmp_path
         "match", "invalid_input", "invalid_input", "match", "invalid_input", "forbidden", "invalid_input", "invalid_input", "match",
     ]
     for record in records:
-        assert set(record) == {"id", "verdict", "execution_match", "reward", "error"}
+        assert set(record) == {"id", "verdict", "execution_match", "reward", "error", "method", "databases", "weak_gold"}
+    assert records[0]["method"] == "test_suite" and records[0]["databases"] > 1
     assert "line 2" in records[1]["error"] and "line 3: missing key(s) gold, prediction" in records[2]["error"]
     assert records[5]["reward"] < 0 and records[0]["reward"] > 1
     assert "scored 9 line(s)" in done.stderr
@@ -58,3 +59,36 @@ def test_bad_arguments_get_one_clear_line_not_a_traceback(tmp_path):
     bad_reward.write_text('{"error_penalty": 9}')
     done, _ = run_score(tmp_path, [row("a", CORRECT)], "--reward", str(bad_reward))
     assert done.returncode == 2 and "error_penalty" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_lines_end_only_at_newlines_and_crlf_files_read_the_same(tmp_path):
+    # U+2028 and U+0085 are legal inside a JSON string; they do not end a line.
+    prediction = f"```sql\n{CORRECT}\n```\nthat\u2028is\x85all"
+    odd = json.dumps({"id": "odd", "schema": SCHEMA, "gold": CORRECT, "prediction": prediction}, ensure_ascii=False)
+    source = tmp_path / "in.jsonl"
+    source.write_bytes("\r\n".join([row("a", CORRECT), odd, row("b", "SELECT nope")]).encode("utf-8") + b"\r\n")
+    command = [sys.executable, "-m", "env.text2sql", "score", str(source)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stdout.split("\n")[:-1]]
+    assert [(r["id"], r["verdict"]) for r in records] == [("a", "match"), ("odd", "match"), ("b", "runtime_error")]
+
+
+def test_lines_of_one_example_share_their_strings_and_example():
+    from env.text2sql.cli import _parse_line
+
+    shared: dict = {}
+    first, second = (_parse_line(row("x", p), n, shared) for n, p in ((1, CORRECT), (2, "SELECT 1")))
+    other = _parse_line(row("y", CORRECT), 3, shared)
+    assert first.example is second.example and first.prediction != second.prediction
+    assert other.example is not first.example and other.example.schema is first.example.schema
+    assert _parse_line(row("x", CORRECT), 4).example == first.example  # the same without sharing
+
+
+def test_weak_golds_are_reported_in_the_summary(tmp_path):
+    lonely = "CREATE TABLE t (id INTEGER PRIMARY KEY); INSERT INTO t VALUES (1);"
+    line = json.dumps({"id": "lonely", "schema": lonely, "gold": "SELECT DISTINCT id FROM t", "prediction": "SELECT id FROM t"})
+    done, records = run_score(tmp_path, [line, row("fine", CORRECT)])
+    assert done.returncode == 0, done.stderr
+    assert [r["weak_gold"] for r in records] == [True, False]
+    assert "1 line(s) have a weak gold" in done.stderr and "lonely" in done.stderr

@@ -13,7 +13,8 @@ CASES = [
     (CORRECT, Verdict.MATCH),
     ("SELECT e.name FROM employees AS e WHERE e.salary > 90 ORDER BY e.name", Verdict.MATCH),
     ("SELECT name FROM employees WHERE salary > 90 ORDER BY name DESC", Verdict.MISMATCH),
-    ("SELECT name FROM employees WHERE salary >= 99 ORDER BY name", Verdict.MATCH),
+    # Same rows on the example's own database; the test suite tells it apart from "> 90".
+    ("SELECT name FROM employees WHERE salary >= 99 ORDER BY name", Verdict.MISMATCH),
     ("SELECT name FROM employees WHERE salary > 100 ORDER BY name", Verdict.MISMATCH),
     ("SELECT name FROM employees WHERE name = 'ada' ORDER BY name", Verdict.MISMATCH),
     ("SELECT nme FROM employees", Verdict.RUNTIME_ERROR),
@@ -39,8 +40,8 @@ AGGREGATES = [
     ),
     (
         "SELECT name FROM employees WHERE salary > (SELECT AVG(salary) FROM employees) ORDER BY salary DESC",
-        "SELECT name FROM employees WHERE salary > 92 ORDER BY salary DESC",
-        Verdict.MATCH,
+        "SELECT name FROM employees WHERE salary > 92 ORDER BY salary DESC",  # the average here, not everywhere
+        Verdict.MISMATCH,
     ),
 ]
 
@@ -118,3 +119,28 @@ def test_attacks_fail_fast_with_the_floor_and_the_database_survives(scorer):
         assert time.monotonic() - started < 5, attack[:60]
     assert scorer.score(example(gold="SELECT COUNT(*) FROM employees"), "SELECT COUNT(*) FROM employees").verdict is Verdict.MATCH
     assert scorer.score(example(), CORRECT).verdict is Verdict.MATCH
+
+
+SUITE_GOLDS = [
+    CORRECT,
+    "SELECT dept, COUNT(*) FROM employees WHERE salary > 75 GROUP BY dept HAVING COUNT(*) >= 1",
+    "SELECT e.name, p.title FROM employees AS e JOIN projects AS p ON p.owner_id = e.id WHERE e.salary < 100",
+]
+
+
+@pytest.mark.parametrize("gold", SUITE_GOLDS)
+def test_the_test_suite_verdict_agrees_with_sqlite_on_neighbours(scorer, gold):
+    """Every neighbour of the gold, and the gold itself, matches on this backend's build of the suite exactly when on SQLite's.
+
+    Match or not is compared, not the failure code: a bare column under GROUP BY runs on SQLite and MariaDB
+    and is an error on PostgreSQL, and either way it is not a match."""
+    from env.text2sql.suite import example_neighbours
+
+    case = example(gold=gold)
+    predictions = [gold] + [n.sql for n in example_neighbours(case)]
+    with Scorer() as reference:
+        expected = [reference.score(case, sql).execution_match for sql in predictions]
+    got = [scorer.score(case, sql).execution_match for sql in predictions]
+    assert got == expected
+    assert expected[0] and expected.count(False) > len(predictions) // 2
+    assert scorer.score(case, gold).databases == 4

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+import sqlite3
 import time
 from collections import Counter
 
@@ -11,8 +13,10 @@ import pytest
 import sqlglot
 from sqlglot import exp
 
+from env.text2sql.compare import results_match
 from env.text2sql.data import DOMAINS, TEMPLATE_KINDS, generate
 from env.text2sql.data import generator
+from env.text2sql.data.generator import generate_with_report
 
 from .cases import sqlite_databases
 
@@ -31,6 +35,8 @@ def examples(splits):
 def test_same_seed_gives_identical_output():
     assert generate(120, 30, seed=3) == generate(120, 30, seed=3)
     assert generate(120, 30, seed=3) != generate(120, 30, seed=4)
+    assert generate_with_report(120, 30, seed=3) == generate_with_report(120, 30, seed=3)
+    assert generate_with_report(120, 30, seed=3)[:2] == generate(120, 30, seed=3)
 
 
 def test_sizes_and_stable_ids(splits, examples):
@@ -133,6 +139,112 @@ def test_two_thousand_examples_are_fast():
     train, held_out = generate(1600, 400)
     assert len(train) + len(held_out) == 2000
     assert time.perf_counter() - start < 3.0
+
+
+_REVERSED = {exp.GT: exp.LTE, exp.LTE: exp.GT, exp.LT: exp.GTE, exp.GTE: exp.LT, exp.EQ: exp.NEQ, exp.NEQ: exp.EQ}
+
+
+@pytest.fixture(scope="module")
+def held_out_seed_0():
+    return generate(0, 300, seed=0)[1]
+
+
+def _changes_result(connection, example, tree) -> bool:
+    gold = connection.execute(example.gold).fetchall()
+    try:
+        rows = connection.execute(tree.sql(dialect="sqlite")).fetchall()
+    except sqlite3.Error:
+        return True
+    return not results_match(gold, rows, ordered=bool(tree.args.get("order")))
+
+
+def test_no_held_out_example_survives_dropping_its_where(held_out_seed_0):
+    """A question hinges on its filter: without the WHERE the gold gives other rows on its own database."""
+    databases = sqlite_databases(held_out_seed_0)
+    checked = 0
+    for example in held_out_seed_0:
+        tree = sqlglot.parse_one(example.gold, read="sqlite")
+        if tree.args.get("where"):
+            checked += 1
+            tree.set("where", None)
+            assert _changes_result(databases[example.schema], example, tree), example
+    assert checked > 150
+
+
+def test_no_held_out_example_survives_reversing_its_first_comparison(held_out_seed_0):
+    """Reversing the first comparison outside a JOIN's ON (``>`` to ``<=``, ``=`` to ``<>``...) changes the rows."""
+    databases = sqlite_databases(held_out_seed_0)
+    checked = 0
+    for example in held_out_seed_0:
+        tree = sqlglot.parse_one(example.gold, read="sqlite")
+        comparisons = [
+            node for node in tree.walk()
+            if isinstance(node, tuple(_REVERSED)) and node.find_ancestor(exp.Join) is None
+        ]
+        if comparisons:
+            checked += 1
+            first = comparisons[0]
+            first.replace(_REVERSED[type(first)](this=first.this.copy(), expression=first.expression.copy()))
+            assert _changes_result(databases[example.schema], example, tree), example
+    assert checked > 200
+
+
+def test_redrawn_degenerate_candidates_are_counted_and_logged(caplog):
+    with caplog.at_level(logging.INFO, logger=generator.__name__):
+        train, held_out, report = generate_with_report(0, 300, seed=0)
+    assert (len(train), len(held_out)) == (0, 300) and report.kept == 300
+    assert report.degenerate > 0
+    assert report.candidates == report.kept + report.unfit + report.repeated + report.empty + report.degenerate
+    assert f"redrew {report.degenerate} degenerate" in caplog.text
+
+
+def test_the_tiny_study_dataset_still_generates():
+    """studies/text2sql-tiny.toml: 500 + 32 examples of the retail domain alone, seed 0."""
+    train, held_out, report = generate_with_report(500, 32, seed=0, domains=["retail"])
+    assert (len(train), len(held_out)) == (500, 32) and report.degenerate > 0
+
+
+def test_shifts_are_the_nearest_constants_that_change_a_condition():
+    assert generator._shifts(">", 5, [3, 5, 5, 8]) == (4, 8)
+    assert generator._shifts(">=", 5, [3, 5, 5, 8]) == (3, 6)
+    assert generator._shifts("<", 10, [9.37, 12.5, 20.0]) == (9, 13)
+    assert generator._shifts("<=", 2, [5, 6]) == (5,)  # no smaller number changes anything
+
+
+def test_a_predicate_that_does_not_matter_is_degenerate():
+    connection = sqlite3.connect(":memory:")
+    connection.executescript(
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, kind TEXT, size INTEGER);"
+        "INSERT INTO t VALUES (1, 'a', 1), (2, 'b', 2), (3, 'a', 5), (4, 'b', 6), (5, 'b', 7);"
+    )
+    sizes = [1, 2, 5, 6, 7]
+
+    def degenerate(*where, select="SELECT DISTINCT kind FROM t"):
+        query = generator._Query(select, where)
+        return generator._degenerate(connection, query, connection.execute(query.sql).fetchall())
+
+    def size(op, constant, shifted=True):
+        shifts = generator._shifts(op, constant, sizes) if shifted else ()
+        return generator._Comparison("size", op, str(constant), shifts)
+
+    assert degenerate(size(">", 1))  # every kind with the filter or without: it is decorative
+    # ids 4 and 5; dropped, reversed (< 6) or shifted (>= 5, >= 7), other ids
+    assert not degenerate(size(">=", 6), select="SELECT id FROM t")
+    # 'size > 6' keeps only kind 'b', and so does 'size > 5', the nearest constant below that changes a row's truth
+    assert not degenerate(size(">", 6, shifted=False))
+    assert degenerate(size(">", 6))
+    # Two conditions: each is dropped alone, and the WHERE whole; 'kind = b' adds nothing to 'size >= 6'.
+    assert degenerate(size(">=", 6), generator._Comparison("kind", "=", "'b'"), select="SELECT id FROM t")
+    # A predicate repeated in a subquery is varied in every place at once.
+    kind_a = generator._Comparison("kind", "=", "'a'")
+    inner = generator._Query("SELECT MAX(size) FROM t", (kind_a,))
+    query = generator._Query("SELECT id FROM t", (kind_a, generator._Comparison("size", "=", inner)))
+    assert query.sql == "SELECT id FROM t WHERE kind = 'a' AND size = (SELECT MAX(size) FROM t WHERE kind = 'a')"
+    variants = {variant.sql for variant in query.variants()}
+    assert "SELECT id FROM t WHERE kind <> 'a' AND size = (SELECT MAX(size) FROM t WHERE kind <> 'a')" in variants
+    assert "SELECT id FROM t WHERE size = (SELECT MAX(size) FROM t)" in variants
+    assert "SELECT id FROM t" in variants
+    assert "SELECT id FROM t WHERE kind = 'a' AND size <> (SELECT MAX(size) FROM t WHERE kind = 'a')" in variants
 
 
 def _same_rows(got, want, ordered):

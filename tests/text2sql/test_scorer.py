@@ -16,7 +16,9 @@ def test_module_level_score_matches_model_output():
     result = text2sql.score(example(), f"Here you go:\n```sql\n{CORRECT};\n```")
     assert result.verdict is Verdict.MATCH and result.execution_match
     assert result.reward == pytest.approx(RewardConfig().execution_match + RewardConfig().executes)
-    assert result.to_record() == {"id": "case", "verdict": "match", "execution_match": True, "reward": result.reward, "error": None}
+    assert result.to_record() == {"id": "case", "verdict": "match", "execution_match": True, "reward": result.reward, "error": None,
+                                  "method": "test_suite", "databases": result.databases, "weak_gold": False}
+    assert result.databases > 1
 
 
 def test_order_from_the_gold_decides(scorer):
@@ -60,9 +62,10 @@ def test_repeated_predictions_execute_once(scorer, monkeypatch):
     original = scorer.backend.run
     monkeypatch.setattr(scorer.backend, "run", lambda ex, sql: calls.append(sql) or original(ex, sql))
     for _ in range(5):
-        scorer.score(example(), f"```sql\n{CORRECT}\n```")
+        result = scorer.score(example(), f"```sql\n{CORRECT}\n```")
         scorer.score(example(), CORRECT + ";")
-    assert calls == [CORRECT, CORRECT]  # gold once, the prediction once
+    assert result.databases > 1
+    assert calls == [CORRECT] * (2 * result.databases)  # on each database of the suite: gold once, the prediction once
 
 
 def test_reward_config_changes_the_reward_not_the_verdict(scorer):

@@ -33,7 +33,7 @@ def _authorize(action: int, arg1: str | None, arg2: str | None, database: str | 
     return sqlite3.SQLITE_OK
 
 
-class _StepBudget:
+class StepBudget:
     """Progress handler that aborts a statement after a fixed number of VM steps."""
 
     def __init__(self, steps: int) -> None:
@@ -43,6 +43,31 @@ class _StepBudget:
     def __call__(self) -> int:
         self.calls += 1
         return 1 if self.calls > self.calls_allowed else 0
+
+
+def sandbox(connection: sqlite3.Connection, limits: Limits) -> StepBudget:
+    """Put a connection under the allow-list and the limits; reset the returned budget before each query."""
+    connection.set_authorizer(_authorize)
+    connection.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
+    connection.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, limits.max_text_bytes)
+    connection.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, limits.max_query_bytes)
+    budget = StepBudget(limits.vm_steps)
+    connection.set_progress_handler(budget, _PROGRESS_EVERY)
+    return budget
+
+
+def run_sandboxed(connection: sqlite3.Connection, budget: StepBudget, sql: str, max_rows: int) -> list[Row]:
+    """Run one query on a :func:`sandbox`-ed connection with a fresh budget; raise :class:`QueryFailed` on failure."""
+    budget.calls = 0
+    try:
+        cursor = connection.execute(sql)
+        rows = cursor.fetchmany(max_rows + 1)
+        cursor.close()
+    except (sqlite3.Error, ValueError, OverflowError, MemoryError) as error:
+        raise QueryFailed(_verdict_for(error), _message_for(error)) from None
+    if len(rows) > max_rows:
+        raise QueryFailed(Verdict.RESOURCE_LIMIT, f"query returned more than {max_rows} rows")
+    return rows
 
 
 class SQLiteBackend(Backend):
@@ -55,22 +80,13 @@ class SQLiteBackend(Backend):
         self._owned_dir = None if cache_dir else tempfile.TemporaryDirectory(prefix="text2sql-")
         self.cache_dir = Path(cache_dir or self._owned_dir.name)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        self._connections: dict[str, tuple[sqlite3.Connection, _StepBudget]] = {}
+        self._connections: dict[str, tuple[sqlite3.Connection, StepBudget]] = {}
 
     def run(self, example: Example, sql: str) -> list[Row]:
         connection, budget = self._connection(example)
-        budget.calls = 0
-        try:
-            cursor = connection.execute(sql)
-            rows = cursor.fetchmany(self.limits.max_rows + 1)
-            cursor.close()
-        except (sqlite3.Error, ValueError, OverflowError, MemoryError) as error:
-            raise QueryFailed(_verdict_for(error), _message_for(error)) from None
-        if len(rows) > self.limits.max_rows:
-            raise QueryFailed(Verdict.RESOURCE_LIMIT, f"query returned more than {self.limits.max_rows} rows")
-        return rows
+        return run_sandboxed(connection, budget, sql, self.limits.max_rows)
 
-    def _connection(self, example: Example) -> tuple[sqlite3.Connection, _StepBudget]:
+    def _connection(self, example: Example) -> tuple[sqlite3.Connection, StepBudget]:
         key = schema_key(example)
         if key not in self._connections:
             path = Path(example.database) if example.database else self._build(key, example)
@@ -111,17 +127,11 @@ class SQLiteBackend(Backend):
                 os.remove(partial)
         return path
 
-    def _open_sandboxed(self, path: Path) -> tuple[sqlite3.Connection, _StepBudget]:
+    def _open_sandboxed(self, path: Path) -> tuple[sqlite3.Connection, StepBudget]:
         if not path.exists():
             raise QueryFailed(Verdict.GOLD_ERROR, f"database file not found: {path}")
         connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
-        connection.set_authorizer(_authorize)
-        connection.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
-        connection.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, self.limits.max_text_bytes)
-        connection.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, self.limits.max_query_bytes)
-        budget = _StepBudget(self.limits.vm_steps)
-        connection.set_progress_handler(budget, _PROGRESS_EVERY)
-        return connection, budget
+        return connection, sandbox(connection, self.limits)
 
     def close(self) -> None:
         for connection, _ in self._connections.values():

@@ -8,17 +8,29 @@ value. Gold SQL stays portable across SQLite, PostgreSQL and MariaDB: no
 division, AVG only returned over REAL columns, no ordering or MIN/MAX over
 text, and ORDER BY ... LIMIT only where the sort keys up to the cut are
 distinct (with an ``id`` tiebreaker besides).
+
+Templates build gold queries from parts (:class:`_Query`, :class:`_Comparison`),
+and a candidate is also rejected as degenerate when its question does not
+hinge on its predicates: when, on its database, dropping its WHERE or HAVING
+clause, or changing one of its predicates (in the outer query or a subquery,
+in every place it occurs) gives the same rows as the gold, compared as the
+verdict does. A predicate is changed by dropping it, reversing it (``>`` to
+``<=``, ``=`` to ``<>``, ``IN`` to ``NOT IN``) or moving its constant to the
+nearest whole number, either way, that changes its truth for some row.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import operator
 import random
 import sqlite3
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 
+from ..compare import results_match
 from ..example import Example
 from .domains import ALL, Column, Domain, Table
 
@@ -33,10 +45,28 @@ _COMPARISONS = {
     "year": ((">", "after"), ("<", "before"), (">=", "in or after"), ("<=", "in or before")),
 }
 _OPERATORS = {"=": operator.eq, ">": operator.gt, "<": operator.lt, ">=": operator.ge, "<=": operator.le}
+_REVERSED = {"=": "<>", "<>": "=", ">": "<=", "<=": ">", "<": ">=", ">=": "<", "IN": "NOT IN", "NOT IN": "IN"}
+
+_log = logging.getLogger(__name__)
 
 Value = int | float | str
 Row = dict[str, Value]
 Link = tuple[Table, Column, Table]
+
+
+@dataclass(frozen=True)
+class GenerationReport:
+    """How many candidates :func:`generate` drew, and why it rejected the ones it did not keep."""
+
+    candidates: int = 0
+    unfit: int = 0  # the template found nothing to ask of the database
+    repeated: int = 0  # the question was already asked
+    empty: int = 0  # the gold query returned no non-NULL value
+    degenerate: int = 0  # a predicate dropped, reversed or shifted gave the gold's rows
+
+    @property
+    def kept(self) -> int:
+        return self.candidates - self.unfit - self.repeated - self.empty - self.degenerate
 
 
 @dataclass(frozen=True)
@@ -53,11 +83,100 @@ class _Instance:
 
 
 @dataclass(frozen=True)
+class _Comparison:
+    """One predicate of a gold query, ``left op right``; ``right`` is an SQL literal or a subquery.
+
+    ``shifts`` are the constants nearest to ``right`` (one below, one above)
+    that change the predicate's truth for some row.
+    """
+
+    left: str
+    op: str
+    right: str | _Query
+    shifts: tuple[int, ...] = ()
+
+    @property
+    def sql(self) -> str:
+        right = f"({self.right.sql})" if isinstance(self.right, _Query) else self.right
+        return f"{self.left} {self.op} {right}"
+
+    def alternatives(self) -> Iterator[_Comparison]:
+        """This predicate reversed, and with its constant shifted each way."""
+        yield replace(self, op=_REVERSED[self.op])
+        for shift in self.shifts:
+            yield replace(self, right=_literal(shift), shifts=())
+
+
+@dataclass(frozen=True)
+class _Query:
+    """A gold SELECT in parts: ``select`` is everything up to WHERE (columns, tables, joins)."""
+
+    select: str
+    where: tuple[_Comparison, ...] = ()
+    group_by: str = ""
+    having: tuple[_Comparison, ...] = ()
+    order_by: str = ""
+    limit: int = 0
+
+    @property
+    def sql(self) -> str:
+        parts = [self.select]
+        if self.where:
+            parts.append("WHERE " + " AND ".join(predicate.sql for predicate in self.where))
+        if self.group_by:
+            parts.append(f"GROUP BY {self.group_by}")
+        if self.having:
+            parts.append("HAVING " + " AND ".join(predicate.sql for predicate in self.having))
+        if self.order_by:
+            parts.append(f"ORDER BY {self.order_by}")
+        if self.limit:
+            parts.append(f"LIMIT {self.limit}")
+        return " ".join(parts)
+
+    def variants(self) -> Iterator[_Query]:
+        """This query with one change to its predicates.
+
+        Its WHERE or its HAVING dropped whole, or one predicate dropped,
+        reversed or shifted wherever it occurs, subqueries included.
+        """
+        for clause in ("where", "having"):
+            if getattr(self, clause):
+                yield replace(self, **{clause: ()})
+        for predicate in dict.fromkeys(self.predicates()):
+            yield self.substitute(predicate, None)
+            for alternative in predicate.alternatives():
+                yield self.substitute(predicate, alternative)
+
+    def predicates(self) -> Iterator[_Comparison]:
+        """Every predicate of the query and of its subqueries, outer first."""
+        for predicate in self.where + self.having:
+            yield predicate
+            if isinstance(predicate.right, _Query):
+                yield from predicate.right.predicates()
+
+    def substitute(self, old: _Comparison, new: _Comparison | None) -> _Query:
+        """The query with ``new`` (or nothing, when None) in place of ``old`` wherever it occurs."""
+
+        def each(predicates: tuple[_Comparison, ...]) -> tuple[_Comparison, ...]:
+            kept = []
+            for predicate in predicates:
+                if predicate == old:
+                    predicate = new
+                elif isinstance(predicate.right, _Query):
+                    predicate = replace(predicate, right=predicate.right.substitute(old, new))
+                if predicate is not None:
+                    kept.append(predicate)
+            return tuple(kept)
+
+        return replace(self, where=each(self.where), having=each(self.having))
+
+
+@dataclass(frozen=True)
 class _Condition:
-    """A WHERE condition in English and in SQL, and as a row test for checks done in Python."""
+    """A WHERE condition in English and as a predicate, and as a row test for checks done in Python."""
 
     text: str
-    sql: str
+    predicate: _Comparison
     column: Column
     test: Callable[[Row], bool]
 
@@ -69,20 +188,34 @@ def generate(
 
     The same arguments always give the same examples, in the same order. No
     question (compared lower-cased, whitespace-collapsed) occurs twice, so the
-    two splits share none. Raises ``ValueError`` when the chosen domains
-    cannot yield that many distinct questions.
+    two splits share none, and none is degenerate (see the module docstring).
+    Raises ``ValueError`` when the chosen domains cannot yield that many
+    distinct questions. :func:`generate_with_report` also says how many
+    candidates were drawn and rejected.
     """
+    train, held_out, _ = generate_with_report(n_train, n_eval, seed, domains)
+    return train, held_out
+
+
+def generate_with_report(
+    n_train: int, n_eval: int, seed: int = 0, domains: Sequence[str] | None = None
+) -> tuple[list[Example], list[Example], GenerationReport]:
+    """:func:`generate`'s two splits, and a report of the candidates it drew (also logged at INFO)."""
     if n_train < 0 or n_eval < 0:
         raise ValueError("n_train and n_eval must be non-negative")
     rng = random.Random(seed)
     instances = [_instance(domain, seed, number) for domain in _select(domains) for number in range(_INSTANCES)]
     try:
-        examples = _draw(instances, n_train + n_eval, rng)
+        examples, report = _draw(instances, n_train + n_eval, rng)
     finally:
         for instance in instances:
             instance.connection.close()
+    _log.info(
+        "generated %d examples from %d candidates; redrew %d degenerate, %d repeated, %d empty, %d unfit",
+        report.kept, report.candidates, report.degenerate, report.repeated, report.empty, report.unfit,
+    )
     rng.shuffle(examples)
-    return examples[:n_train], examples[n_train:]
+    return examples[:n_train], examples[n_train:], report
 
 
 def _select(names: Sequence[str] | None) -> tuple[Domain, ...]:
@@ -96,11 +229,12 @@ def _select(names: Sequence[str] | None) -> tuple[Domain, ...]:
     return tuple(domain for domain in ALL if domain.name in names)
 
 
-def _draw(instances: list[_Instance], wanted: int, rng: random.Random) -> list[Example]:
-    """Cycle through databases and template kinds, keeping new questions whose gold returns rows."""
+def _draw(instances: list[_Instance], wanted: int, rng: random.Random) -> tuple[list[Example], GenerationReport]:
+    """Cycle through databases and template kinds, keeping the candidates :func:`_rejection` lets through."""
     examples: list[Example] = []
     seen: set[str] = set()
     numbers: Counter[str] = Counter()
+    rejected: Counter[str] = Counter()
     attempts = misses = 0
     while len(examples) < wanted:
         if misses == _PATIENCE:
@@ -113,31 +247,62 @@ def _draw(instances: list[_Instance], wanted: int, rng: random.Random) -> list[E
         kind = TEMPLATE_KINDS[attempts // len(instances) % len(TEMPLATE_KINDS)]
         attempts += 1
         candidate = rng.choice(_TEMPLATES[kind])(instance, rng)
-        if candidate is None:
+        reason = _rejection(instance, candidate, seen)
+        if reason:
+            rejected[reason] += 1
             misses += 1
             continue
-        question, gold = candidate
-        key = " ".join(question.lower().split())
-        if key in seen or not _returns_rows(instance.connection, gold):
-            misses += 1
-            continue
+        question, query = candidate
         misses = 0
-        seen.add(key)
+        seen.add(_key(question))
         name = instance.domain.name
         numbers[name] += 1
-        examples.append(
-            Example(id=f"{name}-{numbers[name]:04d}", question=question, schema=instance.schema, gold=gold, domain=name)
-        )
-    return examples
+        examples.append(Example(
+            id=f"{name}-{numbers[name]:04d}", question=question, schema=instance.schema, gold=query.sql, domain=name
+        ))
+    return examples, GenerationReport(candidates=attempts, **rejected)
 
 
-def _returns_rows(connection: sqlite3.Connection, sql: str) -> bool:
-    """A usable gold query runs and returns at least one non-NULL value."""
+def _key(question: str) -> str:
+    return " ".join(question.lower().split())
+
+
+def _rejection(instance: _Instance, candidate: Candidate, seen: set[str]) -> str | None:
+    """Why a candidate is rejected, as a :class:`GenerationReport` field name; None when it is kept.
+
+    A usable gold query asks a new question, runs, returns at least one
+    non-NULL value, and is not degenerate.
+    """
+    if candidate is None:
+        return "unfit"
+    question, query = candidate
+    if _key(question) in seen:
+        return "repeated"
+    rows = _rows(instance.connection, query.sql)
+    if rows is None or not any(value is not None for row in rows for value in row):
+        return "empty"
+    if _degenerate(instance.connection, query, rows):
+        return "degenerate"
+    return None
+
+
+def _rows(connection: sqlite3.Connection, sql: str) -> list[tuple] | None:
     try:
-        rows = connection.execute(sql).fetchall()
+        return connection.execute(sql).fetchall()
     except sqlite3.Error:
-        return False
-    return any(value is not None for row in rows for value in row)
+        return None
+
+
+def _degenerate(connection: sqlite3.Connection, query: _Query, rows: list[tuple]) -> bool:
+    """Some variant of the query's predicates gives the gold's rows: the question does not hinge on them.
+
+    A variant that fails to run counts as a different result.
+    """
+    for variant in dict.fromkeys(variant.sql for variant in query.variants()):
+        found = _rows(connection, variant)
+        if found is not None and results_match(rows, found, ordered=bool(query.order_by)):
+            return True
+    return False
 
 
 # Databases
@@ -270,6 +435,7 @@ def _condition(
     """
     column = rng.choice(_others(table, exclude))
     values = sorted(db.values(table, column))
+    shifts: tuple[int, ...] = ()
     if column.role == "category":
         op, value = "=", rng.choice(values)
         text = f"whose {owner}{column.phrase} is {value}"
@@ -277,9 +443,29 @@ def _condition(
         op, word = rng.choice(_COMPARISONS[column.role])
         value = int(rng.choice(values[len(values) // 4 : 3 * len(values) // 4 + 1]))
         text = f"whose {owner}{column.phrase} is {word} {value}"
+        shifts = _shifts(op, value, values)
     check = _OPERATORS[op]
-    sql = f"{alias}{column.name} {op} {_literal(value)}"
-    return _Condition(text, sql, column, lambda row: check(row[column.name], value))
+    predicate = _Comparison(f"{alias}{column.name}", op, _literal(value), shifts)
+    return _Condition(text, predicate, column, lambda row: check(row[column.name], value))
+
+
+def _shifts(op: str, constant: int, values: Sequence[Value]) -> tuple[int, ...]:
+    """The whole numbers nearest to ``constant``, below and above, for which ``value op number`` differs for some value.
+
+    The truth of ``value op number`` only changes between whole numbers next
+    to a value's floor or ceiling, so those are the only candidates to try.
+    """
+    check = _OPERATORS[op]
+
+    def truth(number: int) -> list[bool]:
+        return [check(value, number) for value in values]
+
+    here = truth(constant)
+    near = {bound + step for value in values for bound in (math.floor(value), math.ceil(value)) for step in (-1, 0, 1)}
+    changed = [number for number in sorted(near) if truth(number) != here]
+    below = [number for number in changed if number < constant][-1:]
+    above = [number for number in changed if number > constant][:1]
+    return tuple(below + above)
 
 
 def _distinct_top(keys: list[Value], count: int, descending: bool) -> bool:
@@ -288,10 +474,10 @@ def _distinct_top(keys: list[Value], count: int, descending: bool) -> bool:
     return len(ranked) > count and len(set(ranked[: count + 1])) == count + 1
 
 
-# Templates: each takes a database and a random source, and returns (question, gold SQL), or None when
-# the database has nothing the template fits.
+# Templates: each takes a database and a random source, and returns the question and its gold query in parts, or
+# None when the database has nothing the template fits.
 
-Candidate = tuple[str, str] | None
+Candidate = tuple[str, _Query] | None
 
 
 def _filter(db: _Instance, rng: random.Random) -> Candidate:
@@ -304,7 +490,7 @@ def _filter(db: _Instance, rng: random.Random) -> Candidate:
         f"List the {labels} of {table.plural} {condition.text}.",
         f"What are the {labels} of the {table.plural} {condition.text}?",
     ))
-    return question, f"SELECT {table.label.name} FROM {table.name} WHERE {condition.sql}"
+    return question, _Query(f"SELECT {table.label.name} FROM {table.name}", (condition.predicate,))
 
 
 def _filter_two(db: _Instance, rng: random.Random) -> Candidate:
@@ -315,7 +501,7 @@ def _filter_two(db: _Instance, rng: random.Random) -> Candidate:
     second = _condition(db, table, rng, exclude=first.column)
     return (
         f"List the {_plural(table.label.phrase)} of {table.plural} {first.text} and {second.text}.",
-        f"SELECT {table.label.name} FROM {table.name} WHERE {first.sql} AND {second.sql}",
+        _Query(f"SELECT {table.label.name} FROM {table.name}", (first.predicate, second.predicate)),
     )
 
 
@@ -328,7 +514,7 @@ def _lookup(db: _Instance, rng: random.Random) -> Candidate:
     column = rng.choice(_others(table))
     return (
         f"What is the {column.phrase} of the {table.singular} whose {label.phrase} is {row[label.name]}?",
-        f"SELECT {column.name} FROM {table.name} WHERE {label.name} = {_literal(row[label.name])}",
+        _Query(f"SELECT {column.name} FROM {table.name}", (_Comparison(label.name, "=", _literal(row[label.name])),)),
     )
 
 
@@ -341,7 +527,7 @@ def _count(db: _Instance, rng: random.Random) -> Candidate:
         f"How many {table.plural} are there {condition.text}?",
         f"Count the {table.plural} {condition.text}.",
     ))
-    return question, f"SELECT COUNT(*) FROM {table.name} WHERE {condition.sql}"
+    return question, _Query(f"SELECT COUNT(*) FROM {table.name}", (condition.predicate,))
 
 
 def _count_distinct(db: _Instance, rng: random.Random) -> Candidate:
@@ -351,7 +537,7 @@ def _count_distinct(db: _Instance, rng: random.Random) -> Candidate:
     column = rng.choice(table.role("category"))
     return (
         f"How many different {_plural(column.phrase)} appear among the {table.plural}?",
-        f"SELECT COUNT(DISTINCT {column.name}) FROM {table.name}",
+        _Query(f"SELECT COUNT(DISTINCT {column.name}) FROM {table.name}"),
     )
 
 
@@ -361,11 +547,14 @@ def _aggregate(db: _Instance, rng: random.Random) -> Candidate:
         return None
     column = rng.choice(table.role(*_NUMERIC))
     function, word = rng.choice(_aggregates(column))
-    sql = f"SELECT {function}({column.name}) FROM {table.name}"
+    query = _Query(f"SELECT {function}({column.name}) FROM {table.name}")
     if not _others(table, column) or rng.random() < 0.3:
-        return f"What is the {word} {column.phrase} of all {table.plural}?", sql
+        return f"What is the {word} {column.phrase} of all {table.plural}?", query
     condition = _condition(db, table, rng, exclude=column)
-    return f"What is the {word} {column.phrase} of {table.plural} {condition.text}?", f"{sql} WHERE {condition.sql}"
+    return (
+        f"What is the {word} {column.phrase} of {table.plural} {condition.text}?",
+        replace(query, where=(condition.predicate,)),
+    )
 
 
 def _group_count(db: _Instance, rng: random.Random) -> Candidate:
@@ -373,18 +562,18 @@ def _group_count(db: _Instance, rng: random.Random) -> Candidate:
     if table is None:
         return None
     group = rng.choice(table.role("category"))
-    sql = f"SELECT {group.name}, COUNT(*) FROM {table.name}"
+    query = _Query(f"SELECT {group.name}, COUNT(*) FROM {table.name}", group_by=group.name)
     if _others(table, group) and rng.random() < 0.6:
         condition = _condition(db, table, rng, exclude=group)
         return (
             f"For each {group.phrase}, how many {table.plural} are there {condition.text}?",
-            f"{sql} WHERE {condition.sql} GROUP BY {group.name}",
+            replace(query, where=(condition.predicate,)),
         )
     question = rng.choice((
         f"For each {group.phrase}, how many {table.plural} are there?",
         f"How many {table.plural} are there for each {group.phrase}?",
     ))
-    return question, f"{sql} GROUP BY {group.name}"
+    return question, query
 
 
 def _group_aggregate(db: _Instance, rng: random.Random) -> Candidate:
@@ -396,7 +585,7 @@ def _group_aggregate(db: _Instance, rng: random.Random) -> Candidate:
     function, word = rng.choice(_aggregates(column))
     return (
         f"What is the {word} {column.phrase} of {table.plural} for each {group.phrase}?",
-        f"SELECT {group.name}, {function}({column.name}) FROM {table.name} GROUP BY {group.name}",
+        _Query(f"SELECT {group.name}, {function}({column.name}) FROM {table.name}", group_by=group.name),
     )
 
 
@@ -407,20 +596,26 @@ def _group_join(db: _Instance, rng: random.Random) -> Candidate:
     child, ref, parent = link
     c, p = _aliases(child, parent)
     label = parent.label
-    group_by = f"GROUP BY {p}.id, {p}.{label.name}"
+    group_by = f"{p}.id, {p}.{label.name}"
     numeric = child.role(*_NUMERIC)
     if numeric and rng.random() < 0.5:
         column = rng.choice(numeric)
         function, word = rng.choice(_aggregates(column))
         return (
             f"For each {ref.phrase}, give the {label.phrase} and the {word} {column.phrase} of their {child.plural}.",
-            f"SELECT {p}.{label.name}, {function}({c}.{column.name}) FROM {parent.name} AS {p} "
-            f"JOIN {child.name} AS {c} ON {c}.{ref.name} = {p}.id {group_by}",
+            _Query(
+                f"SELECT {p}.{label.name}, {function}({c}.{column.name}) FROM {parent.name} AS {p} "
+                f"JOIN {child.name} AS {c} ON {c}.{ref.name} = {p}.id",
+                group_by=group_by,
+            ),
         )
     return (
         f"For each {ref.phrase}, give the {label.phrase} and the number of {child.plural}.",
-        f"SELECT {p}.{label.name}, COUNT({c}.id) FROM {parent.name} AS {p} "
-        f"LEFT JOIN {child.name} AS {c} ON {c}.{ref.name} = {p}.id {group_by}",
+        _Query(
+            f"SELECT {p}.{label.name}, COUNT({c}.id) FROM {parent.name} AS {p} "
+            f"LEFT JOIN {child.name} AS {c} ON {c}.{ref.name} = {p}.id",
+            group_by=group_by,
+        ),
     )
 
 
@@ -430,17 +625,24 @@ def _threshold(values: list[float], rng: random.Random) -> int | None:
     return int(rng.choice(distinct[:-1])) if len(distinct) > 1 else None
 
 
+def _above(aggregate: str, threshold: int, values: list[float]) -> _Comparison:
+    """The HAVING predicate ``aggregate > threshold``, where ``values`` are the aggregate's values over the groups."""
+    return _Comparison(aggregate, ">", str(threshold), _shifts(">", threshold, values))
+
+
 def _having_count(db: _Instance, rng: random.Random) -> Candidate:
     table = _choose_table(db, rng, lambda t: t.role("category"))
     if table is None:
         return None
     group = rng.choice(table.role("category"))
-    threshold = _threshold(list(Counter(db.values(table, group)).values()), rng)
+    counts = list(Counter(db.values(table, group)).values())
+    threshold = _threshold(counts, rng)
     if threshold is None:
         return None
+    having = _above("COUNT(*)", threshold, counts)
     return (
         f"Which {_plural(group.phrase)} have more than {_how_many(threshold, table)}?",
-        f"SELECT {group.name} FROM {table.name} GROUP BY {group.name} HAVING COUNT(*) > {threshold}",
+        _Query(f"SELECT {group.name} FROM {table.name}", group_by=group.name, having=(having,)),
     )
 
 
@@ -458,13 +660,15 @@ def _having_aggregate(db: _Instance, rng: random.Random) -> Candidate:
     for row in db.rows[table.name]:
         groups[row[group.name]].append(float(row[column.name]))
     reduce = sum if function == "SUM" else lambda values: sum(values) / len(values)
-    threshold = _threshold([reduce(values) for values in groups.values()], rng)
+    totals = [reduce(values) for values in groups.values()]
+    threshold = _threshold(totals, rng)
     if threshold is None:
         return None
     article = "an" if word[0] in "aeiou" else "a"
+    having = _above(f"{function}({column.name})", threshold, totals)
     return (
         f"Which {_plural(group.phrase)} have {article} {word} {column.phrase} of {table.plural} above {threshold}?",
-        f"SELECT {group.name} FROM {table.name} GROUP BY {group.name} HAVING {function}({column.name}) > {threshold}",
+        _Query(f"SELECT {group.name} FROM {table.name}", group_by=group.name, having=(having,)),
     )
 
 
@@ -473,15 +677,19 @@ def _having_join(db: _Instance, rng: random.Random) -> Candidate:
     if link is None:
         return None
     child, ref, parent = link
-    threshold = _threshold(list(Counter(row[ref.name] for row in db.rows[child.name]).values()), rng)
+    counts = list(Counter(row[ref.name] for row in db.rows[child.name]).values())
+    threshold = _threshold(counts, rng)
     if threshold is None:
         return None
     c, p = _aliases(child, parent)
     label = parent.label
     return (
         f"Which {parent.plural} have more than {_how_many(threshold, child)}? Give their {_plural(label.phrase)}.",
-        f"SELECT {p}.{label.name} FROM {parent.name} AS {p} JOIN {child.name} AS {c} ON {c}.{ref.name} = {p}.id "
-        f"GROUP BY {p}.id, {p}.{label.name} HAVING COUNT(*) > {threshold}",
+        _Query(
+            f"SELECT {p}.{label.name} FROM {parent.name} AS {p} JOIN {child.name} AS {c} ON {c}.{ref.name} = {p}.id",
+            group_by=f"{p}.id, {p}.{label.name}",
+            having=(_above("COUNT(*)", threshold, counts),),
+        ),
     )
 
 
@@ -492,11 +700,11 @@ def _top(db: _Instance, rng: random.Random) -> Candidate:
     column = rng.choice(table.role(*_NUMERIC))
     descending = rng.random() < 0.5
     count = rng.randint(1, 5)
-    label, rows, where, scope = table.label, db.rows[table.name], "", ""
+    label, rows, where, scope = table.label, db.rows[table.name], (), ""
     if _others(table, column) and rng.random() < 0.4:
         condition = _condition(db, table, rng, exclude=column)
         rows = [row for row in rows if condition.test(row)]
-        where, scope = f" WHERE {condition.sql}", f"Among {table.plural} {condition.text}, "
+        where, scope = (condition.predicate,), f"Among {table.plural} {condition.text}, "
     if not _distinct_top([row[column.name] for row in rows], count, descending):
         return None
     extreme = f"the {_extreme_word(column, descending)} {column.phrase}"
@@ -509,7 +717,9 @@ def _top(db: _Instance, rng: random.Random) -> Candidate:
     else:
         question = f"List the {_plural(label.phrase)} of the {count} {table.plural} with {extreme}."
     direction = " DESC" if descending else ""
-    return question, f"SELECT {label.name} FROM {table.name}{where} ORDER BY {column.name}{direction}, id LIMIT {count}"
+    return question, _Query(
+        f"SELECT {label.name} FROM {table.name}", where, order_by=f"{column.name}{direction}, id", limit=count
+    )
 
 
 def _sorted(db: _Instance, rng: random.Random) -> Candidate:
@@ -527,7 +737,8 @@ def _sorted(db: _Instance, rng: random.Random) -> Candidate:
     return (
         f"List the {_plural(table.label.phrase)} of {table.plural} {condition.text}, "
         f"sorted by {column.phrase} from {first} to {last}.",
-        f"SELECT {table.label.name} FROM {table.name} WHERE {condition.sql} ORDER BY {column.name}{direction}, id",
+        _Query(f"SELECT {table.label.name} FROM {table.name}", (condition.predicate,),
+               order_by=f"{column.name}{direction}, id"),
     )
 
 
@@ -536,13 +747,13 @@ def _distinct(db: _Instance, rng: random.Random) -> Candidate:
     if table is None:
         return None
     column = rng.choice(table.role("category"))
-    sql = f"SELECT DISTINCT {column.name} FROM {table.name}"
+    query = _Query(f"SELECT DISTINCT {column.name} FROM {table.name}")
     if not _others(table, column) or rng.random() < 0.2:
-        return f"List the different {_plural(column.phrase)} of {table.plural}.", sql
+        return f"List the different {_plural(column.phrase)} of {table.plural}.", query
     condition = _condition(db, table, rng, exclude=column)
     return (
         f"List the different {_plural(column.phrase)} of {table.plural} {condition.text}.",
-        f"{sql} WHERE {condition.sql}",
+        replace(query, where=(condition.predicate,)),
     )
 
 
@@ -556,8 +767,11 @@ def _distinct_join(db: _Instance, rng: random.Random) -> Candidate:
     condition = _condition(db, child, rng, alias=f"{c}.")
     return (
         f"List the different {_plural(column.phrase)} of the {_plural(ref.phrase)} of {child.plural} {condition.text}.",
-        f"SELECT DISTINCT {p}.{column.name} FROM {child.name} AS {c} JOIN {parent.name} AS {p} "
-        f"ON {c}.{ref.name} = {p}.id WHERE {condition.sql}",
+        _Query(
+            f"SELECT DISTINCT {p}.{column.name} FROM {child.name} AS {c} JOIN {parent.name} AS {p} "
+            f"ON {c}.{ref.name} = {p}.id",
+            (condition.predicate,),
+        ),
     )
 
 
@@ -570,8 +784,11 @@ def _join_filter(db: _Instance, rng: random.Random) -> Candidate:
     condition = _condition(db, parent, rng, alias=f"{p}.", owner=f"{ref.phrase}'s ")
     return (
         f"List the {_plural(child.label.phrase)} of {child.plural} {condition.text}.",
-        f"SELECT {c}.{child.label.name} FROM {child.name} AS {c} JOIN {parent.name} AS {p} "
-        f"ON {c}.{ref.name} = {p}.id WHERE {condition.sql}",
+        _Query(
+            f"SELECT {c}.{child.label.name} FROM {child.name} AS {c} JOIN {parent.name} AS {p} "
+            f"ON {c}.{ref.name} = {p}.id",
+            (condition.predicate,),
+        ),
     )
 
 
@@ -585,8 +802,11 @@ def _join_pair(db: _Instance, rng: random.Random) -> Candidate:
     return (
         f"For each {child.singular} {condition.text}, give its {child.label.phrase} "
         f"and the {parent.label.phrase} of its {ref.phrase}.",
-        f"SELECT {c}.{child.label.name}, {p}.{parent.label.name} FROM {child.name} AS {c} "
-        f"JOIN {parent.name} AS {p} ON {c}.{ref.name} = {p}.id WHERE {condition.sql}",
+        _Query(
+            f"SELECT {c}.{child.label.name}, {p}.{parent.label.name} FROM {child.name} AS {c} "
+            f"JOIN {parent.name} AS {p} ON {c}.{ref.name} = {p}.id",
+            (condition.predicate,),
+        ),
     )
 
 
@@ -597,15 +817,18 @@ def _join_aggregate(db: _Instance, rng: random.Random) -> Candidate:
     child, ref, parent = link
     c, p = _aliases(child, parent)
     condition = _condition(db, parent, rng, alias=f"{p}.", owner=f"{ref.phrase}'s ")
-    joined = f"FROM {child.name} AS {c} JOIN {parent.name} AS {p} ON {c}.{ref.name} = {p}.id WHERE {condition.sql}"
+    joined = f"FROM {child.name} AS {c} JOIN {parent.name} AS {p} ON {c}.{ref.name} = {p}.id"
     numeric = child.role(*_NUMERIC)
     if not numeric or rng.random() < 0.4:
-        return f"How many {child.plural} are there {condition.text}?", f"SELECT COUNT(*) {joined}"
+        return (
+            f"How many {child.plural} are there {condition.text}?",
+            _Query(f"SELECT COUNT(*) {joined}", (condition.predicate,)),
+        )
     column = rng.choice(numeric)
     function, word = rng.choice(_aggregates(column))
     return (
         f"What is the {word} {column.phrase} of {child.plural} {condition.text}?",
-        f"SELECT {function}({c}.{column.name}) {joined}",
+        _Query(f"SELECT {function}({c}.{column.name}) {joined}", (condition.predicate,)),
     )
 
 
@@ -616,11 +839,12 @@ def _in(db: _Instance, rng: random.Random) -> Candidate:
     child, ref, parent = link
     condition = _condition(db, child, rng)
     negated = rng.random() < 0.35
+    inner = _Query(f"SELECT {ref.name} FROM {child.name}", (condition.predicate,))
+    membership = _Comparison("id", "NOT IN" if negated else "IN", inner)
     return (
         f"List the {_plural(parent.label.phrase)} of {parent.plural} that have "
         f"{'no' if negated else 'at least one'} {child.singular} {condition.text}.",
-        f"SELECT {parent.label.name} FROM {parent.name} WHERE id {'NOT IN' if negated else 'IN'} "
-        f"(SELECT {ref.name} FROM {child.name} WHERE {condition.sql})",
+        _Query(f"SELECT {parent.label.name} FROM {parent.name}", (membership,)),
     )
 
 
@@ -630,14 +854,14 @@ def _versus_average(db: _Instance, rng: random.Random) -> Candidate:
         return None
     column = rng.choice(table.role(*_NUMERIC))
     op, word = rng.choice(_COMPARISONS[column.role][:2])
-    inner, scope = f"SELECT AVG({column.name}) FROM {table.name}", f"all {table.plural}"
+    inner, scope = _Query(f"SELECT AVG({column.name}) FROM {table.name}"), f"all {table.plural}"
     if _others(table, column) and rng.random() < 0.4:
         condition = _condition(db, table, rng, exclude=column)
-        inner, scope = f"{inner} WHERE {condition.sql}", f"{table.plural} {condition.text}"
+        inner, scope = replace(inner, where=(condition.predicate,)), f"{table.plural} {condition.text}"
     return (
         f"List the {_plural(table.label.phrase)} of {table.plural} whose {column.phrase} is {word} "
         f"the average {column.phrase} of {scope}.",
-        f"SELECT {table.label.name} FROM {table.name} WHERE {column.name} {op} ({inner})",
+        _Query(f"SELECT {table.label.name} FROM {table.name}", (_Comparison(column.name, op, inner),)),
     )
 
 
@@ -648,18 +872,19 @@ def _extreme(db: _Instance, rng: random.Random) -> Candidate:
     column = rng.choice(table.role(*_NUMERIC))
     highest = rng.random() < 0.5
     extreme = f"the {_extreme_word(column, highest)} {column.phrase}"
-    inner = f"SELECT {'MAX' if highest else 'MIN'}({column.name}) FROM {table.name}"
+    inner = _Query(f"SELECT {'MAX' if highest else 'MIN'}({column.name}) FROM {table.name}")
     label = table.label
+    query = _Query(f"SELECT {label.name} FROM {table.name}")
     if _others(table, column) and rng.random() < 0.5:
         condition = _condition(db, table, rng, exclude=column)
+        inner = replace(inner, where=(condition.predicate,))
         return (
             f"Among {table.plural} {condition.text}, which one has {extreme}? Give its {label.phrase}.",
-            f"SELECT {label.name} FROM {table.name} WHERE {condition.sql} "
-            f"AND {column.name} = ({inner} WHERE {condition.sql})",
+            replace(query, where=(condition.predicate, _Comparison(column.name, "=", inner))),
         )
     return (
         f"Which {table.singular} has {extreme}? Give its {label.phrase}.",
-        f"SELECT {label.name} FROM {table.name} WHERE {column.name} = ({inner})",
+        replace(query, where=(_Comparison(column.name, "=", inner),)),
     )
 
 
