@@ -37,8 +37,10 @@ class Curves:
     """A trial's training reward per RL step, its held-out accuracy from the start of reward-driven training on,
     and how many held-out examples each evaluation counted (the smallest, to be safe; None when not recorded).
 
-    The held-out series starts at the untrained evaluation only when no SFT
-    warm-up ran: after a warm-up, the untrained score says nothing about RL.
+    The held-out series starts at the evaluation right before the first RL
+    step: after an SFT warm-up that is the ``sft_eval`` point (the untrained
+    score says nothing about RL then; a trial recorded before that point
+    existed starts at its first RL evaluation), without one the untrained point.
     """
 
     train: list[float]
@@ -50,11 +52,12 @@ def read_curves(run_dir: str | Path | None) -> Curves:
     """The curves in the trial folder's ``metrics.jsonl``, read once."""
     points = _points(run_dir)
     train = [float(p["reward_mean"]) for p in points if p.get("phase") == "rl" and "reward_mean" in p]
-    held = [float(p["eval_execution_accuracy"]) for p in points if p.get("phase") == "eval"]
     warmed_up = any(p.get("phase") == "sft" for p in points)
-    untrained = [float(p["untrained_execution_accuracy"]) for p in points if p.get("phase") == "untrained"]
-    sizes = [int(p["n_eval"]) for p in points if p.get("phase") == "eval" and p.get("n_eval")]
-    return Curves(train, held if warmed_up else untrained[:1] + held, min(sizes) if sizes else None)
+    start = [p for p in points if p.get("phase") == ("sft_eval" if warmed_up else "untrained")][:1]
+    evals = start + [p for p in points if p.get("phase") == "eval"]
+    held = [float(p.get("eval_execution_accuracy", p.get("untrained_execution_accuracy"))) for p in evals]
+    sizes = [int(p["n_eval"]) for p in evals if p.get("n_eval")]
+    return Curves(train, held, min(sizes) if sizes else None)
 
 
 def noise(accuracy: float, n_eval: int | None) -> float:

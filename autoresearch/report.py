@@ -12,7 +12,8 @@ from .plots import pyplot
 from .hacking import reward_hacking
 from .proposers.scheduler import HYPOTHESES_ATTR
 from .spec import StudySpec
-from .summary import best_trial, status_document
+from .stats import decode_matches, mcnemar
+from .summary import EVALUATIONS, best_trial, estimate, status_document
 
 
 def _history(study: optuna.Study, path: Path) -> None:
@@ -77,11 +78,9 @@ def write_report(spec: StudySpec, study: optuna.Study, out_dir: Path, top: int =
         _history(study, out_dir / "history.png")
         _curves(study, out_dir / "learning_curves.png", top)
         lines += [f"## Best trial: #{best.number}, accuracy {best.value:.4f}", ""]
-        untrained = best.user_attrs.get("untrained_eval_execution_accuracy")
-        if untrained is not None:  # run_trial evaluates the adapter before training too: the baseline to beat
-            lines += [f"Held-out execution accuracy untrained: {untrained:.4f}, best: {best.value:.4f}.", ""]
         lines += ["| parameter | value |", "| --- | --- |"]
         lines += [f"| `{k}` | {v} |" for k, v in {**spec.fixed, **best.params}.items()]
+        lines += _held_out(study, best)
         lines += ["", "## Optimisation history", "", "![history](history.png)", ""]
         lines += ["## Learning curves", "", "![learning curves](learning_curves.png)", ""]
         try:
@@ -102,6 +101,55 @@ def write_report(spec: StudySpec, study: optuna.Study, out_dir: Path, top: int =
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _held_out(study: optuna.Study, best: FrozenTrial) -> list[str]:
+    """Every trial's held-out accuracies with their 95% Wilson intervals, and whether the best trial is
+    distinguishable from the runner-up and from its own start (after the warm-up, or untrained without one)."""
+    measured = [t for t in study.get_trials(deepcopy=False) if "n_eval" in t.user_attrs]
+    if not measured:
+        return []
+    lines = ["", "## Held-out execution accuracy", "",
+             "Each with its 95% Wilson interval; n: the held-out examples that count (a broken gold does not).", "",
+             "| trial | state | " + " | ".join(EVALUATIONS) + " | n |", "| --- | --- |" + " --- |" * len(EVALUATIONS) + " --- |"]
+    for t in measured:
+        cells = [estimate(t.user_attrs.get(f"{p}execution_accuracy"), t.user_attrs.get(f"{p}execution_accuracy_ci"))
+                 for p in EVALUATIONS.values()]
+        lines.append(f"| #{t.number} | {t.state.name} | " + " | ".join(cells) + f" | {t.user_attrs['n_eval']} |")
+    complete = sorted((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None),
+                      key=lambda t: t.value, reverse=True)
+    runner_up = next((t for t in complete if t.number != best.number), None)
+    own = "sft_eval_" if best.user_attrs.get("sft_eval_matches") is not None else "untrained_eval_"
+    own_name = "after-SFT" if own == "sft_eval_" else "untrained"
+    lines += ["", "### Is the best trial distinguishable?", "",
+              "Exact McNemar tests on the paired per-example matches; b: examples only the first matched, "
+              "c: only the second.", ""]
+    lines.append("- " + ("There is no runner-up to compare with." if runner_up is None else _paired(
+        f"the best trial #{best.number}", best, "eval_", f"the runner-up #{runner_up.number}", runner_up, "eval_")))
+    lines.append("- " + _paired(f"the best trial #{best.number}", best, "eval_", f"its own {own_name} evaluation", best, own))
+    return lines
+
+
+def _paired(first_name: str, first: FrozenTrial, first_prefix: str,
+            second_name: str, second: FrozenTrial, second_prefix: str) -> str:
+    """One sentence: whether two recorded evaluations differ beyond chance, or why they cannot be compared."""
+    names = f"{first_name[0].upper()}{first_name[1:]} and {second_name}"
+    vectors = [t.user_attrs.get(f"{prefix}matches") for t, prefix in ((first, first_prefix), (second, second_prefix))]
+    if None in vectors:
+        return f"{names} cannot be compared: {first_name if vectors[0] is None else second_name} recorded no per-example matches."
+    digests = {first.user_attrs.get("eval_examples_sha256"), second.user_attrs.get("eval_examples_sha256")}
+    if first.number != second.number and (len(digests) > 1 or None in digests):
+        return f"{names} cannot be compared: they were not evaluated on the same held-out examples."
+    try:
+        test = mcnemar(decode_matches(vectors[0]), decode_matches(vectors[1]))
+    except ValueError as error:
+        return f"{names} cannot be compared: {error}."
+    counts = f"b = {test.b}, c = {test.c} of {test.paired} paired examples"
+    if test.b + test.c == 0:
+        return f"{names} are not distinguishable at the 5% level: they match on exactly the same examples ({counts})."
+    if test.distinguishable():
+        return f"{names} are distinguishable (p = {test.p_value:.4g}; {counts})."
+    return f"{names} are not distinguishable at the 5% level (p = {test.p_value:.4g}; {counts})."
 
 
 def _cell(text: object, limit: int = 300) -> str:

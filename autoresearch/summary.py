@@ -16,6 +16,29 @@ from .spec import StudySpec
 from .study import Tally, tally
 
 
+EVALUATIONS = {"untrained": "untrained_eval_", "after SFT": "sft_eval_", "final": "eval_"}
+"""Each held-out evaluation a trial records, by name, and the prefix of its user attrs (see ``run_trial``)."""
+
+
+def accuracies(trial: FrozenTrial) -> dict[str, Any]:
+    """The trial's held-out accuracies and their 95% intervals, under their user attrs' names (None: not recorded)."""
+    found: dict[str, Any] = {"n_eval": trial.user_attrs.get("n_eval")}
+    for prefix in EVALUATIONS.values():
+        for key in (f"{prefix}execution_accuracy", f"{prefix}execution_accuracy_ci"):
+            found[key] = trial.user_attrs.get(key)
+    return found
+
+
+def interval(ci: list[float] | None) -> str:
+    """``[0.2041, 0.5169]``, empty when not recorded."""
+    return "" if ci is None else f"[{ci[0]:.4f}, {ci[1]:.4f}]"
+
+
+def estimate(value: float | None, ci: list[float] | None) -> str:
+    """``0.3438 [0.2041, 0.5169]``: an accuracy with its interval, ``-`` when not recorded."""
+    return "-" if value is None else f"{value:.4f} {interval(ci)}".rstrip()
+
+
 def trial_row(trial: FrozenTrial) -> dict[str, Any]:
     attrs = trial.user_attrs
     return {
@@ -29,6 +52,7 @@ def trial_row(trial: FrozenTrial) -> dict[str, Any]:
         "proposer_fallback": attrs.get("proposer_fallback"),
         "failure_reason": attrs.get("failure_reason") if trial.state == TrialState.FAIL else None,
         "params": trial.params,
+        **accuracies(trial),
     }
 
 
@@ -44,7 +68,8 @@ def status_document(spec: StudySpec, study: optuna.Study) -> dict[str, Any]:
         "settled": state.settled,
         "counts": {"waiting": state.waiting, "running": state.running, "complete": state.complete,
                    "pruned": state.pruned, "failed": state.failed, "failed_final": state.failed_final},
-        "best": None if best is None else {"number": best.number, "value": best.value, "params": best.params},
+        "best": None if best is None else {"number": best.number, "value": best.value, "params": best.params,
+                                           **accuracies(best)},
         "proposer": proposer_usage(spec, study),
         "trials": [trial_row(t) for t in trials],
     }
@@ -89,21 +114,28 @@ def status_table(document: dict[str, Any]) -> str:
         f"settled {document['settled']}/{document['budget']}  running {counts['running']}  waiting {counts['waiting']}  "
         f"complete {counts['complete']}  pruned {counts['pruned']}  failed {counts['failed']} ({counts['failed_final']} final)",
     ]
-    if document["best"]:
-        lines.append(f"best #{document['best']['number']}: {document['best']['value']:.4f}")
+    best = document["best"]
+    if best:
+        line = f"best #{best['number']}: {best['value']:.4f}"
+        if best["n_eval"] is not None:  # an objective other than run_trial's may record no evaluations
+            line += f"  held-out accuracy, 95% CI, n={best['n_eval']}: " + "; ".join(
+                f"{name} {estimate(best[f'{p}execution_accuracy'], best[f'{p}execution_accuracy_ci'])}"
+                for name, p in EVALUATIONS.items())
+        lines.append(line)
     llm = document.get("proposer")
     if llm:
         lines.append(f"proposer {llm['type']} {llm['model']} ({llm['mode']}, share {llm['share']:g}): "
                      f"{llm['calls']}/{llm['max_calls']} calls, {llm['failures']} failed; tokens {llm['input_tokens']} in + "
                      f"{llm['output_tokens']} out of {llm['max_tokens']}; cost ${llm['cost_usd']:.4f}")
-    lines.append(f"{'#':>5}  {'state':<8}  {'value':>8}  {'retry':>5}  {'wall s':>8}  reason / params")
+    lines.append(f"{'#':>5}  {'state':<8}  {'value':>8}  {'95% CI':<16}  {'retry':>5}  {'wall s':>8}  reason / params")
     for row in document["trials"]:
         value = "" if row["value"] is None else f"{row['value']:.4f}"
         wall = "" if row["wall_seconds"] is None else f"{row['wall_seconds']:.1f}"
         detail = row["failure_reason"] or ", ".join(f"{k}={_short(v)}" for k, v in row["params"].items())
         if row["proposer"] != "sampler":
             detail = f"[{row['proposer']}] {detail}"
-        lines.append(f"{row['number']:>5}  {row['state']:<8}  {value:>8}  {row['retry_count']:>5}  {wall:>8}  {detail}")
+        ci = interval(row["eval_execution_accuracy_ci"])
+        lines.append(f"{row['number']:>5}  {row['state']:<8}  {value:>8}  {ci:<16}  {row['retry_count']:>5}  {wall:>8}  {detail}")
     return "\n".join(lines)
 
 

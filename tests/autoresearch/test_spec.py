@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from autoresearch.cli import main
-from autoresearch.trial import load_examples
+from autoresearch.trial.data import load_examples
 from env.text2sql.data import generate
 from autoresearch.params import distributions, split_params
 from autoresearch.spec import SpecError, load_spec
