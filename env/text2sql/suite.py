@@ -58,11 +58,6 @@ class SuiteOptions:
             raise ValueError("SuiteOptions.candidates must be at least 0 and max_rows at least 1")
 
 
-PATIENCE = 8
-"""Valid candidates in a row that tell no new neighbour apart before the search stops: what is left is
-mostly the gold's equivalents (DISTINCT over a key, an outer join along a NOT NULL foreign key), which no
-database tells apart."""
-
 WEAK_SHARE = 0.5
 """A gold is weak when its suite cannot tell it apart from more than this share of its neighbours."""
 
@@ -142,15 +137,13 @@ def _distil(example: Example, options: SuiteOptions, limits: Limits, original: s
     rng = random.Random(f"{options.seed}\0{schema_key(example)}\0{example.gold}")
     candidates: list[tuple[dict, set[int]]] = []
     covered: set[int] = set()
-    fruitless = 0
     for _ in range(options.candidates):
-        if len(candidates) >= options.size - 1 and (len(covered) == len(remaining) or fruitless >= PATIENCE):
+        if len(candidates) >= options.size - 1 and len(covered) == len(remaining):
             break
         rows_by_table = fuzz.random_rows(tables, rng, options.max_rows)
         coverage = _coverage(ddl, tables, rows_by_table, gold, ordered, remaining, limits)
         if coverage is not None:
             candidates.append((rows_by_table, coverage))
-            fruitless = 0 if coverage - covered else fruitless + 1
             covered |= coverage
     chosen = _greedy(candidates, len(remaining), options.size - 1)
     uncovered = set(range(len(remaining))).difference(*(candidates[i][1] for i in chosen))

@@ -199,9 +199,14 @@ def test_redrawn_degenerate_candidates_are_counted_and_logged(caplog):
 
 
 def test_the_tiny_study_dataset_still_generates():
-    """studies/text2sql-tiny.toml: 500 + 32 examples of the retail domain alone, seed 0."""
-    train, held_out, report = generate_with_report(500, 32, seed=0, domains=["retail"])
-    assert (len(train), len(held_out)) == (500, 32) and report.degenerate > 0
+    """The dataset of studies/text2sql-tiny.toml (one domain) has room for its examples without degenerate ones."""
+    import tomllib
+    from pathlib import Path
+
+    dataset = tomllib.loads((Path(__file__).parents[2] / "studies" / "text2sql-tiny.toml").read_text())["dataset"]
+    domain = dataset["source"].removeprefix("synthetic:")
+    train, held_out, report = generate_with_report(dataset["n_train"], dataset["n_eval"], seed=dataset["seed"], domains=[domain])
+    assert (len(train), len(held_out)) == (dataset["n_train"], dataset["n_eval"]) and report.degenerate > 0
 
 
 def test_shifts_are_the_nearest_constants_that_change_a_condition():
