@@ -23,7 +23,7 @@ from sqlglot import exp
 from sqlglot.errors import SqlglotError
 from sqlglot.tokens import TokenType
 
-from .neighbours import COMPARISONS, SHIFTS
+from .neighbours import COMPARISONS, SHIFTS, compared_column
 
 Value = int | float | str | bytes | None
 POOL_ROWS = 200
@@ -162,14 +162,12 @@ def add_constants(tables: Sequence[TableInfo], gold_sqlite: str) -> None:
 
 def _named_column(tokens: list, index: int) -> str | None:
     """The column a constant is compared with: ``col op c``, ``c op col``, or an aggregate of it, ``SUM(t.col) op c``."""
-    for op, other in ((index - 1, index - 2), (index + 1, index + 2)):
-        if 0 <= other < len(tokens) and tokens[op].token_type in COMPARISONS:
-            if tokens[other].token_type in (TokenType.VAR, TokenType.IDENTIFIER):
-                return tokens[other].text.lower()
-            if op < index and tokens[other].token_type is TokenType.R_PAREN and other >= 2:
-                if tokens[other - 1].token_type in (TokenType.VAR, TokenType.IDENTIFIER):
-                    return tokens[other - 1].text.lower()
-    return None
+    named = compared_column(tokens, index)
+    if named is None and index >= 4 and tokens[index - 1].token_type in COMPARISONS:
+        closing, column = tokens[index - 2], tokens[index - 3]
+        if closing.token_type is TokenType.R_PAREN and column.token_type in (TokenType.VAR, TokenType.IDENTIFIER):
+            return column.text.lower()
+    return named
 
 
 def _with_neighbours(text: str) -> list[Value]:

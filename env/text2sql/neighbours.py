@@ -100,6 +100,18 @@ def neighbour_queries(
     return found
 
 
+def compared_column(tokens: Sequence[Token], index: int) -> str | None:
+    """The column (lower-cased) that the literal at ``index`` is compared with: ``col op literal`` or ``literal op col``."""
+    for op, other in ((index - 1, index - 2), (index + 1, index + 2)):
+        if 0 <= other < len(tokens) and tokens[op].token_type in COMPARISONS and _is_name(tokens[other]):
+            return tokens[other].text.lower()
+    return None
+
+
+def _is_name(token: Token) -> bool:
+    return token.token_type in (TokenType.VAR, TokenType.IDENTIFIER)
+
+
 def _annotate(tokens: list[Token]) -> list[_Tok]:
     annotated, clauses, depth = [], [None], 0
     for token in tokens:
@@ -126,6 +138,7 @@ class _Edits:
     def __init__(self, sql: str, tokens: list[_Tok], columns: Mapping[str, Sequence[str]], text_values: Mapping[str, Sequence[str]]) -> None:
         self.sql = sql
         self.tokens = tokens
+        self.raw = [tok.token for tok in tokens]
         self.columns = {table.lower(): list(names) for table, names in columns.items()}
         self.text_values = text_values
 
@@ -159,19 +172,10 @@ class _Edits:
                 for shifted in _shifted(tok.token.text):
                     yield "constant", self._splice(tok.start, tok.end, shifted)
             elif tok.type is TokenType.STRING:
-                column = self._compared_column(index)
+                column = compared_column(self.raw, index)
                 values = [v for v in self.text_values.get(column or "", ()) if v != tok.token.text and "\\" not in v]
                 for value in values[:TEXT_VALUES_PER_LITERAL]:
                     yield "constant", self._splice(tok.start, tok.end, "'" + value.replace("'", "''") + "'")
-
-    def _compared_column(self, index: int) -> str | None:
-        """The column a literal is compared with: ``col op literal`` or ``literal op col``."""
-        for step in (-2, 2):
-            op, other = index + step // 2, index + step
-            if 0 <= other < len(self.tokens) and self.tokens[op].type in COMPARISONS:
-                if self.tokens[other].type in (TokenType.VAR, TokenType.IDENTIFIER):
-                    return self.tokens[other].token.text.lower()
-        return None
 
     def _clause_span(self, keyword: int) -> int:
         """Index one past the last token of the clause that the keyword at ``keyword`` opens."""

@@ -17,8 +17,9 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter, OrderedDict
+from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import sqlglot
 from sqlglot import exp
@@ -37,7 +38,7 @@ _COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.DOTALL)
 """SQL comments: a prediction of nothing else runs no statement, and must not earn ``executes``."""
 
 VerdictMethod = Literal["test_suite", "single_database"]
-VERDICT_METHODS: tuple[str, ...] = ("test_suite", "single_database")
+VERDICT_METHODS: tuple[str, ...] = get_args(VerdictMethod)
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ class Scorer:
         self.strict_gate = strict_gate
         self.verdict = verdict
         self.suite_options = suite or SuiteOptions()
-        self._suite_cache = SuiteCache(suite_cache) if suite_cache is not None else None
+        self._build_suite = SuiteCache(suite_cache).suite if suite_cache is not None else build_suite
         self.cache_size = cache_size
         self._gold: dict[tuple[str, str, str], _Gold | QueryFailed] = {}
         self._outcomes: OrderedDict[tuple, _Outcome] = OrderedDict()
@@ -225,9 +226,9 @@ class Scorer:
     def _on_suite(self, example: Example, gold: _Gold, runnable: str, credit: Credit) -> _Outcome:
         """A prediction that matched on the example's own database, checked on the rest of the gold's suite."""
         self._ensure_suite(example, gold)
-        weak = gold.suite is not None and gold.suite.weak
+        weak = gold.suite.weak
+        total = len(gold.suite_rows) + 1
         for number, (database, gold_rows) in enumerate(gold.suite_rows, start=2):
-            total = len(gold.suite_rows) + 1
             try:
                 rows = self.backend.run(database, runnable)
             except QueryFailed as failure:
@@ -236,7 +237,7 @@ class Scorer:
             if not _matches(gold, gold_rows, rows):
                 reason = f"result differs from the gold's on test-suite database {number} of {total}"
                 return _Outcome(Verdict.MISMATCH, reason, credit, number, weak)
-        return _Outcome(Verdict.MATCH, None, credit, len(gold.suite_rows) + 1, weak)
+        return _Outcome(Verdict.MATCH, None, credit, total, weak)
 
     def _ensure_suite(self, example: Example, gold: _Gold) -> None:
         """Build the gold's suite once, and run the gold on each of its databases in this backend.
@@ -246,15 +247,11 @@ class Scorer:
         """
         if gold.suite is not None:
             return
-        limits = self.backend.limits
-        if self._suite_cache is not None:
-            gold.suite = self._suite_cache.suite(example, self.suite_options, limits)
-        else:
-            gold.suite = build_suite(example, self.suite_options, limits)
+        gold.suite = self._build_suite(example, self.suite_options, self.backend.limits)
+        runnable = gold.sql if gold.dialect == self.backend.dialect else to_dialect(gold.tree, self.backend.dialect)
         for database in gold.suite.databases[1:]:
-            result = self._run_gold(database)
-            if isinstance(result, _Gold):
-                gold.suite_rows.append((database, result.rows))
+            with suppress(QueryFailed):
+                gold.suite_rows.append((database, self.backend.run(database, runnable)))
 
     def suite_for(self, example: Example) -> Suite | None:
         """The example's suite (built now if need be), or None when its gold does not run."""

@@ -11,6 +11,7 @@ so concurrent writers never leave half a suite.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -41,15 +42,11 @@ class SuiteCache:
 
     def suite(self, example: Example, options: SuiteOptions, limits: Limits) -> Suite:
         path = self.directory / f"{_key(example, options, limits)}.json"
-        try:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # missing or damaged: build it again
             return _load(path, example)
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
         suite = build_suite(example, options, limits)
-        try:
+        with contextlib.suppress(OSError):  # a read-only or full disk costs speed, never a verdict
             _store(path, suite)
-        except OSError:  # a read-only or full disk costs speed, never a verdict
-            pass
         return suite
 
 

@@ -11,7 +11,7 @@ from env.text2sql import Example, Limits, RewardConfig, Scorer, Submission, Suit
 from env.text2sql.data import generate
 from env.text2sql.suite import example_neighbours
 
-from .cases import CORRECT, SCHEMA, example
+from .cases import CORRECT, example
 
 KEYED = """
 CREATE TABLE teams (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, city TEXT);
@@ -113,10 +113,11 @@ def _rewrites(example: Example) -> list[str]:
     strict = tree.copy()
     changed = False
     for node in list(strict.find_all(exp.GT)):
-        if isinstance(node.expression, exp.Literal) and node.expression.this.isdigit() and isinstance(node.this, exp.Column):
-            if node.this.name in _integer_columns(example.schema):
-                node.replace(exp.GTE(this=node.this.copy(), expression=exp.Literal.number(int(node.expression.this) + 1)))
-                changed = True
+        literal, column = node.expression, node.this
+        if (isinstance(literal, exp.Literal) and literal.this.isdigit() and isinstance(column, exp.Column)
+                and column.name in _integer_columns(example.schema)):
+            node.replace(exp.GTE(this=column.copy(), expression=exp.Literal.number(int(literal.this) + 1)))
+            changed = True
     if changed:
         forms.append(strict.sql(dialect="sqlite"))
     return forms
