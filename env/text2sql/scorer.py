@@ -248,6 +248,8 @@ class Scorer:
         if gold.suite is not None:
             return
         gold.suite = self._build_suite(example, self.suite_options, self.backend.limits)
+        for database, image in zip(gold.suite.databases[1:], gold.suite.images):
+            self.backend.offer_image(database, image)
         runnable = gold.sql if gold.dialect == self.backend.dialect else to_dialect(gold.tree, self.backend.dialect)
         for database in gold.suite.databases[1:]:
             with suppress(QueryFailed):

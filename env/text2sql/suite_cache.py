@@ -11,20 +11,23 @@ so concurrent writers never leave half a suite.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import tempfile
+import zlib
 from pathlib import Path
 
 from .backends import Limits
 from .example import Example
 from .suite import Suite, SuiteOptions, build_suite
 
-FORMAT = 1
+FORMAT = 2
 """Bumped whenever distillation changes what it keeps: older files are then ignored."""
+_SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 def default_cache_dir() -> Path:
@@ -42,7 +45,7 @@ class SuiteCache:
 
     def suite(self, example: Example, options: SuiteOptions, limits: Limits) -> Suite:
         path = self.directory / f"{_key(example, options, limits)}.json"
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # missing or damaged: build it again
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, zlib.error):  # missing or damaged: build it again
             return _load(path, example)
         suite = build_suite(example, options, limits)
         with contextlib.suppress(OSError):  # a read-only or full disk costs speed, never a verdict
@@ -63,13 +66,22 @@ def _load(path: Path, example: Example) -> Suite:
     stored = json.loads(path.read_text(encoding="utf-8"))
     databases = [example] + [dataclasses.replace(example, schema=db["schema"], dialect=db["dialect"], database=None)
                              for db in stored["databases"]]
-    return Suite(tuple(databases), int(stored["neighbours"]), tuple(str(sql) for sql in stored["undistinguished"]))
+    images = tuple(_image(db["image"]) for db in stored["databases"])
+    return Suite(tuple(databases), int(stored["neighbours"]), tuple(str(sql) for sql in stored["undistinguished"]), images)
+
+
+def _image(text: str) -> bytes:
+    image = zlib.decompress(base64.b64decode(text, validate=True))
+    if not image.startswith(_SQLITE_HEADER):
+        raise ValueError("not a SQLite image")
+    return image
 
 
 def _store(path: Path, suite: Suite) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
-        "databases": [{"schema": db.schema, "dialect": db.dialect} for db in suite.databases[1:]],
+        "databases": [{"schema": db.schema, "dialect": db.dialect, "image": base64.b64encode(zlib.compress(image)).decode("ascii")}
+                      for db, image in zip(suite.databases[1:], suite.images, strict=True)],
         "neighbours": suite.neighbours,
         "undistinguished": list(suite.undistinguished),
     }

@@ -1,33 +1,37 @@
 """Every sandbox rule of the embedded backend, and every malicious input in the spec."""
 
 import hashlib
+import sqlite3
 import time
 
 import pytest
 
-from env.text2sql import Limits, Scorer, Verdict
+from env.text2sql import Example, Limits, Scorer, Verdict
 from env.text2sql.backends.sqlite import SQLiteBackend
 
-from .cases import CORRECT, MALICIOUS_SQLITE, example
+from .cases import CORRECT, MALICIOUS_SQLITE, SCHEMA, example
 
 
 @pytest.fixture
-def scorer(tmp_path):
-    with Scorer(SQLiteBackend(cache_dir=tmp_path / "dbs")) as scorer:
+def scorer():
+    with Scorer(SQLiteBackend()) as scorer:
         yield scorer
 
 
-def database_digest(tmp_path):
-    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted((tmp_path / "dbs").glob("*.sqlite"))}
+def database_digest(backend, case):
+    """A digest of every table's rows and the schema, read through the sandbox itself."""
+    tables = backend.run(case, "SELECT name, sql FROM sqlite_master ORDER BY name")
+    contents = [(name, sql, sorted(map(repr, backend.run(case, f'SELECT * FROM "{name}"')))) for name, sql in tables]
+    return hashlib.sha256(repr(contents).encode()).hexdigest()
 
 
 @pytest.mark.parametrize("name", sorted(MALICIOUS_SQLITE))
 @pytest.mark.parametrize("strict_gate", [False, True], ids=["sandbox", "sandbox+gate"])
 def test_malicious_input_fails_fast_with_the_floor_and_changes_nothing(tmp_path, name, strict_gate):
-    with Scorer(SQLiteBackend(cache_dir=tmp_path / "dbs"), strict_gate=strict_gate) as scorer:
+    with Scorer(SQLiteBackend(), strict_gate=strict_gate) as scorer:
         case = example()
         assert scorer.score(case, CORRECT).verdict is Verdict.MATCH
-        before = database_digest(tmp_path)
+        before = database_digest(scorer.backend, case)
         files_before = set(tmp_path.rglob("*"))
 
         started = time.monotonic()
@@ -38,7 +42,7 @@ def test_malicious_input_fails_fast_with_the_floor_and_changes_nothing(tmp_path,
         assert result.reward == scorer.reward.floor
         assert result.error
         assert elapsed < 5, f"{name} took {elapsed:.1f}s"
-        assert database_digest(tmp_path) == before
+        assert database_digest(scorer.backend, case) == before
         assert set(tmp_path.rglob("*")) == files_before, "no file may appear"
         again = scorer.score(case, f"{CORRECT} ")
         assert again.verdict is Verdict.MATCH
@@ -67,41 +71,61 @@ def test_each_limit_reports_its_own_verdict(scorer, name, verdict):
     assert scorer.score(example(), MALICIOUS_SQLITE[name].format(tmp="/nonexistent")).verdict is verdict
 
 
-def test_step_budget_is_deterministic(tmp_path):
+def test_step_budget_is_deterministic():
     """The same query stops at the same point, whatever the machine's speed."""
     counting = "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 100000) SELECT max(n) FROM r"
     small = Limits(vm_steps=50_000)
-    with SQLiteBackend(small, cache_dir=tmp_path) as backend:
+    with SQLiteBackend(small) as backend:
         with pytest.raises(Exception) as stopped:
             backend.run(example(), counting)
         assert stopped.value.verdict is Verdict.TIMEOUT
-    with SQLiteBackend(Limits(vm_steps=50_000_000), cache_dir=tmp_path) as backend:
+    with SQLiteBackend(Limits(vm_steps=50_000_000)) as backend:
         assert backend.run(example(), counting) == [(100000,)]
 
 
-def test_row_cap(tmp_path):
-    with Scorer(SQLiteBackend(Limits(max_rows=3), cache_dir=tmp_path)) as scorer:
+def test_row_cap():
+    with Scorer(SQLiteBackend(Limits(max_rows=3))) as scorer:
         assert scorer.score(example(gold="SELECT id FROM projects"), "SELECT id FROM projects").verdict is Verdict.MATCH
         result = scorer.score(example(gold="SELECT id FROM projects"), "SELECT id FROM employees")
         assert result.verdict is Verdict.RESOURCE_LIMIT
 
 
-def test_text_length_limit(tmp_path):
-    with Scorer(SQLiteBackend(Limits(max_text_bytes=1_000), cache_dir=tmp_path)) as scorer:
+def test_text_length_limit():
+    with Scorer(SQLiteBackend(Limits(max_text_bytes=1_000))) as scorer:
         assert scorer.score(example(), "SELECT length(hex(randomblob(400)))").verdict is Verdict.MISMATCH
         assert scorer.score(example(), "SELECT hex(randomblob(600))").verdict is Verdict.RESOURCE_LIMIT
 
 
-def test_schema_is_built_once_and_reused(tmp_path):
-    with SQLiteBackend(cache_dir=tmp_path) as backend:
-        backend.run(example(id="a"), "SELECT 1")
-        backend.run(example(id="b", gold="SELECT 2"), "SELECT 1")
-        assert len(list(tmp_path.glob("*.sqlite"))) == 1
-    with SQLiteBackend(cache_dir=tmp_path) as other:
-        built = next(tmp_path.glob("*.sqlite"))
-        mtime = built.stat().st_mtime_ns
-        assert other.run(example(), "SELECT count(*) FROM employees") == [(4,)]
-        assert built.stat().st_mtime_ns == mtime
+def test_schema_is_built_once_and_kept_while_in_use():
+    """A script drawing random values shows every rebuild: the same backend answers the same until evicted."""
+    drawn = example(schema="CREATE TABLE t (x INTEGER); INSERT INTO t VALUES (random());", gold="SELECT x FROM t")
+    with SQLiteBackend() as backend:
+        first = backend.run(drawn, "SELECT x FROM t")
+        backend.run(example(id="other", schema="CREATE TABLE u (y INTEGER);"), "SELECT 1")
+        assert backend.run(drawn, "SELECT x FROM t") == first
+
+
+def test_open_databases_are_bounded_and_evicted_ones_come_back():
+    cases = [example(id=str(n), schema=f"CREATE TABLE t (x INTEGER); INSERT INTO t VALUES ({n});") for n in range(5)]
+    with SQLiteBackend(max_open=2) as backend:
+        for _ in range(2):
+            assert [backend.run(case, "SELECT x FROM t") for case in cases] == [[(n,)] for n in range(5)]
+        assert len(backend._connections) == 2
+
+
+def test_a_database_file_is_opened_read_only_and_left_as_it_was(tmp_path):
+    path = tmp_path / "given.sqlite"
+    with sqlite3.connect(path) as builder:
+        builder.executescript(SCHEMA)
+    builder.close()
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    case = Example(id="file", question="", schema="", gold=CORRECT, database=str(path))
+    with Scorer(SQLiteBackend()) as scorer:
+        assert scorer.score(case, CORRECT).verdict is Verdict.MATCH
+        for name in ("delete", "update", "drop", "vacuum", "pragma"):
+            assert scorer.score(case, MALICIOUS_SQLITE[name]).verdict.is_failure
+        assert scorer.score(case, f"{CORRECT} ").verdict is Verdict.MATCH
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
 
 
 def test_a_broken_schema_is_a_gold_error_not_a_penalty(scorer):

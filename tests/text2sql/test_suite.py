@@ -1,13 +1,17 @@
 """Test suites: wrong queries that agree on one database are caught; equivalent ones still match."""
 
+import base64
+import json
 import random
 import sqlite3
+import zlib
 
 import pytest
 import sqlglot
 from sqlglot import exp
 
 from env.text2sql import Example, Limits, RewardConfig, Scorer, Submission, SuiteOptions, Verdict, build_suite, score_batch
+from env.text2sql.backends import QueryFailed, SQLiteBackend
 from env.text2sql.data import generate
 from env.text2sql.suite import example_neighbours
 
@@ -214,12 +218,83 @@ def test_a_suite_cache_distils_once_and_survives_a_damaged_file(tmp_path, monkey
             assert cached.score(example(), CORRECT).databases == SuiteOptions().size
     assert built == [CORRECT]
     (stored,) = tmp_path.glob("*.json")
-    assert [db.schema for db in suite_cache.SuiteCache(tmp_path).suite(example(), SuiteOptions(), Limits()).databases] == \
-        [db.schema for db in build_suite(example()).databases]
-    stored.write_text("{not json")
-    with Scorer(suite_cache=tmp_path) as cached:
-        assert cached.score(example(), wrong).verdict is Verdict.MISMATCH
-    assert built == [CORRECT, CORRECT]
+    assert suite_cache.SuiteCache(tmp_path).suite(example(), SuiteOptions(), Limits()) == build_suite(example())
+    assert built == [CORRECT]
+    good = stored.read_text()
+    record = json.loads(good)
+    record["databases"][0]["image"] = base64.b64encode(zlib.compress(b"not a database")).decode()
+    for damage in ("{not json", json.dumps(record)):
+        stored.write_text(damage)
+        with Scorer(suite_cache=tmp_path) as cached:
+            assert cached.score(example(), wrong).verdict is Verdict.MISMATCH
+            assert cached.score(example(), CORRECT).databases == SuiteOptions().size
+    assert built == [CORRECT] * 3
     with Scorer(suite_cache=tmp_path, suite=SuiteOptions(size=2)) as smaller:
         assert smaller.score(example(), CORRECT).databases == 2
     assert len(list(tmp_path.glob("*.json"))) == 2
+
+
+def _contents(backend, database):
+    tables = [name for (name,) in backend.run(database, "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+    return {name: sorted(map(repr, backend.run(database, f'SELECT * FROM "{name}"'))) for name in tables}
+
+
+def test_a_suites_images_hold_the_same_databases_as_its_scripts():
+    """The SQLite backend opens a suite's images; every other backend builds its scripts: they must agree."""
+    _, held_out = generate(0, 40, seed=3)
+    checked = 0
+    with SQLiteBackend() as from_scripts, SQLiteBackend() as from_images:
+        for item in held_out:
+            suite = build_suite(item)
+            assert len(suite.images) == len(suite.databases) - 1
+            for database, image in zip(suite.databases[1:], suite.images):
+                from_images.offer_image(database, image)
+                assert _contents(from_images, database) == _contents(from_scripts, database)
+                checked += 1
+    assert checked >= 60
+
+
+def test_an_offered_image_is_what_the_backend_opens_and_nothing_changes_it():
+    with sqlite3.connect(":memory:") as builder:
+        builder.executescript("CREATE TABLE t (x INTEGER); INSERT INTO t VALUES (7);")
+        image = builder.serialize()
+    scripted = example(schema="CREATE TABLE t (x INTEGER); INSERT INTO t VALUES (1);", gold="SELECT x FROM t")
+    with SQLiteBackend() as backend:
+        backend.offer_image(scripted, image)
+        assert backend.run(scripted, "SELECT x FROM t") == [(7,)]
+        for write in ("DELETE FROM t", "UPDATE t SET x = 0", "INSERT INTO t VALUES (2)", "DROP TABLE t", "PRAGMA query_only = OFF"):
+            with pytest.raises(QueryFailed):
+                backend.run(scripted, write)
+        assert backend.run(scripted, "SELECT x FROM t") == [(7,)]
+
+
+WITH_UNRELATED = KEYED + """
+CREATE TABLE venues (id INTEGER PRIMARY KEY, name TEXT NOT NULL, capacity INTEGER NOT NULL);
+INSERT INTO venues VALUES (1, 'Dome', 900), (2, 'Field', 300);
+CREATE INDEX venues_by_capacity ON venues (capacity);
+"""
+
+
+def _tables(database):
+    with sqlite3.connect(":memory:") as connection:
+        connection.executescript(database.schema)
+        return {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def test_generated_databases_hold_the_golds_tables_and_their_parents_only():
+    on_players = Example(id="p", question="", schema=WITH_UNRELATED, gold="SELECT name FROM players WHERE goals > 4")
+    suite = build_suite(on_players)
+    assert [_tables(database) for database in suite.databases[1:]] == [{"players", "teams"}] * 3
+    on_venues = Example(id="v", question="", schema=WITH_UNRELATED, gold="SELECT name FROM venues WHERE capacity > 400")
+    assert {frozenset(_tables(database)) for database in build_suite(on_venues).databases[1:]} == {frozenset({"venues"})}
+    with Scorer() as scorer:
+        # Joining the parent along the NOT NULL foreign key is the same query, and still matches.
+        joined = "SELECT p.name FROM players AS p JOIN teams AS t ON t.id = p.team_id WHERE p.goals > 4"
+        assert scorer.score(on_players, joined).verdict is Verdict.MATCH
+        assert scorer.score(on_venues, "SELECT name FROM venues WHERE capacity >= 400").verdict is Verdict.MISMATCH
+
+
+def test_a_schema_with_a_view_keeps_every_table():
+    viewed = WITH_UNRELATED + "CREATE VIEW big_venues AS SELECT * FROM venues WHERE capacity > 500;\n"
+    suite = build_suite(Example(id="w", question="", schema=viewed, gold="SELECT name FROM players WHERE goals > 4"))
+    assert all(_tables(database) == {"players", "teams", "venues"} for database in suite.databases[1:])

@@ -81,6 +81,12 @@ class Backend(ABC):
         backend compare alike.
         """
 
+    def offer_image(self, example: Example, image: bytes) -> None:
+        """A SQLite image of the example's database, which a backend may open instead of building its script.
+
+        Servers build from the script; only the SQLite backend takes the offer.
+        """
+
     def close(self) -> None:
         """Release connections; the built databases may stay for reuse."""
 

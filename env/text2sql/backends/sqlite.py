@@ -1,18 +1,26 @@
 """The embedded default backend: SQLite, sandboxed in-process.
 
-Each schema is built once into a file under a cache folder and then only
-ever opened read-only, so no query can change it. On top of read-only mode
-every connection carries an authorizer allow-list, limits on attached
-databases, string length and statement length, a deterministic budget of
-virtual-machine steps, and a row cap. What still escapes (a query that burns
-wall time without stepping the VM) is the job of the worker pool's hard kill.
+A schema script is built once into an in-memory database, a database file is
+opened read-only, and neither is ever written to: on top of ``query_only``
+(or read-only mode) every connection carries an authorizer allow-list,
+limits on attached databases, string length and statement length, a
+deterministic budget of virtual-machine steps, and a row cap. What still
+escapes (a query that burns wall time without stepping the VM) is the job of
+the worker pool's hard kill.
+
+In memory, because a test suite adds three small databases per gold: a build
+there costs about a third of writing a file, renaming it into place and
+opening it again, and a suite's databases are opened from the images they
+were distilled on (:attr:`Suite.images`), faster still. Open databases are
+kept in a bounded LRU, so scoring a dataset of thousands of golds holds a
+bounded number of them.
 """
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import tempfile
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 from ..example import Example
@@ -71,16 +79,21 @@ def run_sandboxed(connection: sqlite3.Connection, budget: StepBudget, sql: str, 
 
 
 class SQLiteBackend(Backend):
-    """Runs queries on read-only SQLite databases built once per schema."""
+    """Runs queries on SQLite databases that nothing can change: schema scripts in memory, files read-only.
+
+    ``max_open`` bounds the databases kept open; the least recently used is
+    closed past it (and built or opened again if it is needed again).
+    """
 
     dialect = "sqlite"
 
-    def __init__(self, limits: Limits | None = None, cache_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, limits: Limits | None = None, max_open: int = 2048) -> None:
         super().__init__(limits)
-        self._owned_dir = None if cache_dir else tempfile.TemporaryDirectory(prefix="text2sql-")
-        self.cache_dir = Path(cache_dir or self._owned_dir.name)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        self._connections: dict[str, tuple[sqlite3.Connection, StepBudget]] = {}
+        if max_open < 1:
+            raise ValueError("max_open must be at least 1")
+        self.max_open = max_open
+        self._connections: OrderedDict[str, tuple[sqlite3.Connection, StepBudget]] = OrderedDict()
+        self._images: dict[str, bytes] = {}
 
     def run(self, example: Example, sql: str) -> list[Row]:
         connection, budget = self._connection(example)
@@ -88,58 +101,62 @@ class SQLiteBackend(Backend):
 
     def _connection(self, example: Example) -> tuple[sqlite3.Connection, StepBudget]:
         key = schema_key(example)
-        if key not in self._connections:
-            path = Path(example.database) if example.database else self._build(key, example)
-            self._connections[key] = self._open_sandboxed(path)
-        return self._connections[key]
+        entry = self._connections.get(key)
+        if entry is not None:
+            self._connections.move_to_end(key)
+            return entry
+        if example.database:
+            connection = self._open(Path(example.database))
+        elif key in self._images:
+            connection = self._deserialize(self._images[key])
+        else:
+            connection = self._build(example)
+        entry = self._connections[key] = (connection, sandbox(connection, self.limits))
+        if len(self._connections) > self.max_open:
+            self._connections.popitem(last=False)[1][0].close()
+        return entry
 
-    def _build(self, key: str, example: Example) -> Path:
-        """Write the schema script into a database file once; later opens reuse it.
+    def offer_image(self, example: Example, image: bytes) -> None:
+        """Open this image, not the script, for the example's database (a test suite's, already distilled on)."""
+        if not example.database:
+            self._images[schema_key(example)] = image
 
-        The file is built under a temporary name and renamed into place, so a
-        concurrent worker never opens a half-built database.
-        """
-        path = self.cache_dir / f"{key}.sqlite"
-        if path.exists():
-            return path
+    def _deserialize(self, image: bytes) -> sqlite3.Connection:
+        return _in_memory(lambda connection: connection.deserialize(image), "database image cannot be opened")
+
+    def _build(self, example: Example) -> sqlite3.Connection:
+        """The schema script's database, in memory, then made query-only."""
         if example.dialect != "sqlite":
             from ..gate import translate_script
 
             script = translate_script(example.schema, example.dialect, "sqlite")
         else:
             script = example.schema
-        fd, partial = tempfile.mkstemp(dir=self.cache_dir, suffix=".partial")
-        os.close(fd)
-        try:
-            builder = sqlite3.connect(partial)
-            try:
-                # A half-built file is discarded anyway: skip the journal and fsyncs.
-                builder.executescript("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;")
-                builder.executescript(script)
-                builder.commit()
-            finally:
-                builder.close()
-            os.replace(partial, path)
-        except sqlite3.Error as error:
-            raise QueryFailed(Verdict.GOLD_ERROR, f"schema script failed: {error}") from None
-        finally:
-            if os.path.exists(partial):
-                os.remove(partial)
-        return path
+        return _in_memory(lambda connection: connection.executescript(script), "schema script failed")
 
-    def _open_sandboxed(self, path: Path) -> tuple[sqlite3.Connection, StepBudget]:
+    def _open(self, path: Path) -> sqlite3.Connection:
         if not path.exists():
             raise QueryFailed(Verdict.GOLD_ERROR, f"database file not found: {path}")
-        connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
-        return connection, sandbox(connection, self.limits)
+        return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
 
     def close(self) -> None:
         for connection, _ in self._connections.values():
             connection.close()
         self._connections.clear()
-        if self._owned_dir is not None:
-            self._owned_dir.cleanup()
-            self._owned_dir = None
+        self._images.clear()
+
+
+def _in_memory(fill: Callable[[sqlite3.Connection], object], failure: str) -> sqlite3.Connection:
+    """A new in-memory database, filled by ``fill`` and then made query-only; a gold error if it cannot be."""
+    connection = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+    try:
+        connection.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)  # what fills it reaches no file either
+        fill(connection)
+        connection.execute("PRAGMA query_only = ON")
+    except sqlite3.Error as error:
+        connection.close()
+        raise QueryFailed(Verdict.GOLD_ERROR, f"{failure}: {error}") from None
+    return connection
 
 
 _RESOURCE_MARKERS = ("too big", "too large", "too long", "stack overflow", "too many", "out of memory")
