@@ -85,12 +85,14 @@ def start_trainer(spec: StudySpec) -> TrainerService:
     port = free_port()
     log_path = spec.run_folder / "trainer.log"
     # --exit-with-parent: a controller killed with SIGKILL cannot stop the service, so the service watches for that.
-    cmd = _command("serve", "--base-model", base_model_path(spec), "--port", str(port), "--api-key", spec.training.api_key,
+    cmd = _command("serve", "--base-model", base_model_path(spec), "--port", str(port),
                    "--checkpoint-root", str(spec.run_folder / "checkpoints"), "--exit-with-parent")
     if spec.training.device:
         cmd += ["--device", spec.training.device]
+    # The key goes in the environment: a command line is visible to every user of the machine.
+    env = {**_env(), "TRAINER_API_KEY": spec.training.api_key}
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     service = TrainerService(proc, f"http://127.0.0.1:{port}")
     deadline = time.monotonic() + spec.training.startup_timeout_s
     while time.monotonic() < deadline:

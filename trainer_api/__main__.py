@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Mapping
 
 _STANDARD_LOG_FIELDS = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -41,14 +40,6 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("trainer_api.app").setLevel(max(root.level, logging.INFO))
 
 
-def resolve_api_key(flag: str | None, environ: Mapping[str, str]) -> str | None:
-    """The key to enforce: ``--api-key``, else ``TRAINER_API_KEY``, else none (an open service)."""
-    api_key = flag or environ.get("TRAINER_API_KEY") or None
-    if api_key is not None and not api_key.startswith("tml-"):
-        raise ValueError("the API key must start with 'tml-' (the tinker SDK refuses other keys)")
-    return api_key
-
-
 def exit_with_parent(poll_s: float = 0.5) -> None:
     """SIGTERM this process (uvicorn's clean shutdown) once the process that started it is gone.
 
@@ -70,33 +61,48 @@ def exit_with_parent(poll_s: float = 0.5) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .app import Service, create_app
-    from .checkpoints import CheckpointStore
+    from .app import create_app
+    from .bodies import default_max_body_bytes
+    from .checkpoints import CheckpointStore, StorageQuota
     from .engine import Engine, EngineLimits
+    from .service import Service
+    from .tenants import KeyConfigError, check_exposure, load_keyring
 
+    try:
+        keyring = load_keyring(args.api_keys_file, os.environ)
+        check_exposure(args.host, keyring, args.allow_unauthenticated)
+    except KeyConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.max_body_bytes is None:
+        args.max_body_bytes = default_max_body_bytes(args.max_batch_tokens)
+    elif args.max_body_bytes < 1:
+        print("error: --max-body-bytes must be at least 1", file=sys.stderr)
+        return 2
     _setup_logging(args.log_level)
     if args.exit_with_parent:
         exit_with_parent()  # before loading the model, which can take minutes
-    try:
-        api_key = resolve_api_key(args.api_key, os.environ)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     limits = EngineLimits(
         max_queue=args.max_queue,
         max_batch_datums=args.max_batch_datums,
         max_batch_tokens=args.max_batch_tokens,
         max_seq_len=args.max_seq_len,
     )
+    if args.quota_checkpoints < 0 or not 0 <= args.quota_gib < float("inf"):
+        print("error: --quota-checkpoints and --quota-gib must be 0 (no limit) or more", file=sys.stderr)
+        return 2
+    quota = StorageQuota(max_checkpoints=args.quota_checkpoints or None, max_bytes=int(args.quota_gib * 2**30) or None)
     started = time.time()
     engine = Engine(
-        args.base_model, CheckpointStore(args.checkpoint_root), limits,
+        args.base_model, CheckpointStore(args.checkpoint_root, quota=quota), limits,
         device=args.device, dtype=args.dtype, model_name=args.model_name,
     )
     logging.getLogger("trainer_api").info(
-        "engine ready", extra={"base_model": args.base_model, "device": str(engine.device), "seconds": round(time.time() - started, 2)}
+        "engine ready", extra={"base_model": args.base_model, "device": str(engine.device), "seconds": round(time.time() - started, 2),
+                               "tenants": [t.name for t in keyring.tenants] or "none: open, no API key"}
     )
-    app = create_app(Service(engine, api_key=api_key), session_timeout=args.session_timeout or None)
+    app = create_app(Service(engine), keyring, session_timeout=args.session_timeout or None, docs=args.docs)
+    app.state.max_body_bytes = args.max_body_bytes
     uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False)
     engine.close()
     return 0
@@ -122,14 +128,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer_api", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the Tinker-compatible training service")
+    # No abbreviations: "--api-key tml-..." must be refused, not taken for --api-keys-file.
+    serve = sub.add_parser("serve", help="run the Tinker-compatible training service", allow_abbrev=False)
     serve.add_argument("--base-model", required=True, help="Hugging Face id or local directory")
     serve.add_argument("--model-name", default=None, help="name clients use for the base model (default: --base-model)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=None, help="required X-API-Key (also TRAINER_API_KEY); must start with tml-")
+    serve.add_argument("--api-keys-file", default=None, metavar="PATH",
+                       help="API keys, one 'tml-... [NAME]' per line, each key a tenant (else TRAINER_API_KEY: one key)")
+    serve.add_argument("--allow-unauthenticated", action="store_true",
+                       help="with no key configured, listen beyond loopback anyway (anyone who can connect is one tenant)")
+    serve.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json (off by default)")
     serve.add_argument("--checkpoint-root", default=os.environ.get("TRAINER_CHECKPOINT_ROOT", "./trainer_checkpoints"),
                        help="local directory or fsspec URL for checkpoints (also TRAINER_CHECKPOINT_ROOT)")
+    serve.add_argument("--quota-checkpoints", type=int, default=1000, metavar="N",
+                       help="checkpoints each API key may keep (default 1000; 0: no limit)")
+    serve.add_argument("--quota-gib", type=float, default=20.0, metavar="GIB",
+                       help="checkpoint storage each API key may use, in GiB (default 20; 0: no limit)")
     serve.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     serve.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                        help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
@@ -137,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-batch-datums", type=int, default=512)
     serve.add_argument("--max-batch-tokens", type=int, default=65536)
     serve.add_argument("--max-seq-len", type=int, default=2048)
+    serve.add_argument("--max-body-bytes", type=int, default=None, metavar="N",
+                       help="largest request body, as sent and once decompressed (gzip, deflate, zstd); "
+                            "larger is a 413 (default: 16 MiB, or 256 bytes per token of --max-batch-tokens if more)")
     serve.add_argument("--session-timeout", type=float, default=300.0,
                        help="seconds without a heartbeat before a session's adapters are unloaded (0: never)")
     serve.add_argument("--log-level", default="INFO")

@@ -34,7 +34,10 @@ import torch
 
 from . import losses
 from .checkpoints import CheckpointRef, CheckpointStore, LoadedCheckpoint, checkpoint_ref, parse_path
-from .sampling import SampleTask, generate
+from .exceptions import Busy, NotFound, ServiceError, TooLarge, UserError
+from .numeric import all_finite
+from .optim import AdamStep, adam_step, new_optimizer
+from .sampling import SampleTask, SamplingSpec, generate
 from .wire import ForwardBackwardIn, ForwardBackwardOut, SampleOut
 
 log = logging.getLogger("trainer_api.engine")
@@ -46,34 +49,6 @@ _UNEMBED_MODULES = ["lm_head"]
 LORA_ALPHA = 32
 TOKEN_WINDOW_S = 60.0  # the window of the tokens-per-second gauge
 """Fixed LoRA alpha, so that a learning rate means the same thing at every rank."""
-
-
-class ServiceError(Exception):
-    """An error with an HTTP status and the SDK's error category."""
-
-    status_code = 500
-    category = "server"
-
-
-class UserError(ServiceError):
-    """The request was wrong; the message says what to change."""
-
-    status_code = 400
-    category = "user"
-
-
-class NotFound(UserError):
-    status_code = 404
-
-
-class TooLarge(UserError):
-    status_code = 413
-
-
-class Busy(ServiceError):
-    """The queue is full: the SDK retries 429 with backoff, which is the backpressure."""
-
-    status_code = 429
 
 
 @dataclass(frozen=True)
@@ -108,18 +83,6 @@ class LoraSpec:
             "train_attn": self.train_attn,
             "train_unembed": self.train_unembed,
         }
-
-
-@dataclass(frozen=True)
-class AdamStep:
-    """Per-step AdamW hyperparameters (the SDK's AdamParams)."""
-
-    learning_rate: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-12
-    weight_decay: float = 0.0
-    grad_clip_norm: float = 0.0
 
 
 BASE_SNAPSHOT = "base"
@@ -179,11 +142,21 @@ class EngineLimits:
     max_num_samples: int = 64
     max_lora_rank: int = 128
     max_snapshots: int = 64
+    max_stop_sequences: int = 16
+    """Stop strings (and, separately, stop token ids) per sample request: each one is searched for at every step."""
+    max_stop_chars: int = 256
 
 
-def _new_optimizer(params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
-    """AdamW with Tinker's defaults; optim_step overwrites the hyperparameters each step."""
-    return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+def _accumulated_gradients(params: list[torch.nn.Parameter], loss: torch.Tensor) -> list[torch.Tensor | None]:
+    """The gradients ``params`` would hold once ``loss`` is added to what they have accumulated.
+
+    Computed out of place, so that a request refused for non-finite gradients leaves the
+    accumulated ones (and a merged batch rerun one request at a time) untouched.
+    """
+    summed: list[torch.Tensor | None] = []
+    for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):
+        summed.append(p.grad if g is None else g if p.grad is None else p.grad + g)
+    return summed
 
 
 class Engine:
@@ -368,9 +341,9 @@ class Engine:
         return total
 
     def optim_step(self, model_id: str, step: AdamStep) -> Future:
+        """Validate ``step`` here and queue it; the step is refused, and the adapter kept, if it would overflow."""
         tenant = self.tenant(model_id)
-        if step.learning_rate < 0 or not 0 <= step.beta1 < 1 or not 0 <= step.beta2 < 1 or step.eps <= 0:
-            raise UserError(f"invalid Adam parameters {step}")
+        step.check()
         return self._call(model_id, lambda: self._metered_call(model_id, self._optim_step, tenant, step))
 
     def save_state(
@@ -497,9 +470,23 @@ class Engine:
             raise UserError(f"the prompt has token ids outside [0, {self.vocab_size})")
         if not 1 <= task.num_samples <= self.limits.max_num_samples:
             raise UserError(f"num_samples must be between 1 and {self.limits.max_num_samples}")
+        if len(prompt) > self.max_seq_len:
+            raise TooLarge(f"the prompt has {len(prompt)} tokens; the context, prompt included, is {self.max_seq_len} tokens")
+        task.spec.check()
         if len(prompt) + task.spec.max_tokens > self.max_seq_len:
             raise TooLarge(f"prompt ({len(prompt)}) plus max_tokens ({task.spec.max_tokens}) exceeds {self.max_seq_len} tokens")
+        self._check_stops(task.spec)
         return self._submit(_Job(key=f"sampler:{snap.snapshot_id}", future=Future(), sample=(snap, task)))
+
+    def _check_stops(self, spec: SamplingSpec) -> None:
+        """Bound the stop conditions: every stop string is searched for after every sampled token."""
+        most, chars = self.limits.max_stop_sequences, self.limits.max_stop_chars
+        for what, count in (("stop strings", len(spec.stop_strings)), ("stop token ids", len(spec.stop_token_ids))):
+            if count > most:
+                raise UserError(f"sampling_params.stop has {count} {what}; at most {most} are accepted")
+        longest = max(map(len, spec.stop_strings), default=0)
+        if longest > chars:
+            raise UserError(f"sampling_params.stop has a {longest}-character stop string; at most {chars} characters are accepted")
 
     def queue_depth(self) -> int:
         return self._queue.qsize()
@@ -589,8 +576,10 @@ class Engine:
                 ):
                     batch.append(nxt)
                     rows += nxt.sample[1].num_samples
-                snap, tasks = job.sample[0], [b.sample[1] for b in batch]
-                self._settle_batch(batch, lambda: self._metered_call(snap.owner, self._sample, snap, tasks))
+                snap = job.sample[0]
+                self._settle_batch(
+                    batch, lambda jobs: self._metered_call(snap.owner, self._sample, snap, [j.sample[1] for j in jobs])
+                )
                 i += len(batch)
                 continue
             if job.fwd is None:
@@ -608,20 +597,30 @@ class Engine:
             ):
                 batch.append(nxt)
                 tokens += nxt.tokens
-            reqs = [b.fwd for b in batch]
-            self._settle_batch(batch, lambda: self._metered_call(job.fwd.model_id, self._forward_backward, reqs))
+            model_id = job.fwd.model_id
+            self._settle_batch(
+                batch, lambda jobs: self._metered_call(model_id, self._forward_backward, [j.fwd for j in jobs])
+            )
             i += len(batch)
 
-    @staticmethod
-    def _settle_batch(batch: list[_Job], fn: Callable[[], list[Any]]) -> None:
-        """Resolve merged jobs with one result each; one failure fails them all, never the worker."""
+    @classmethod
+    def _settle_batch(cls, batch: list[_Job], run: Callable[[list[_Job]], list[Any]]) -> None:
+        """Resolve merged jobs with one result each, never failing the worker.
+
+        A merged batch that fails is run again one job at a time, so that a bad request
+        fails alone and the requests merged with it still succeed (they may belong to
+        other tenants). ``run`` must therefore leave no state behind when it raises.
+        """
         try:
-            results = fn()
+            results = run(batch)
         except BaseException as exc:
+            if len(batch) > 1:
+                for b in batch:
+                    cls._settle_batch([b], run)
+                return
             if not isinstance(exc, ServiceError):
                 log.exception("batched job failed")
-            for b in batch:
-                b.future.set_exception(exc)
+            batch[0].future.set_exception(exc)
         else:
             for b, result in zip(batch, results):
                 b.future.set_result(result)
@@ -648,7 +647,7 @@ class Engine:
             self.peft.add_adapter(tenant.adapter, tenant.lora.peft_config())
         marker = f".{tenant.adapter}."
         tenant.params = [p for n, p in self.peft.named_parameters() if marker in n]
-        tenant.optimizer = _new_optimizer(tenant.params)
+        tenant.optimizer = new_optimizer(tenant.params)
         self._activate(tenant)
         log.info("model created", extra={"model_id": tenant.model_id, "rank": tenant.lora.rank})
 
@@ -695,36 +694,48 @@ class Engine:
             token_lp = torch.log_softmax(logits, dim=-1).gather(-1, targets.to(self.device)[..., None]).squeeze(-1)
             flat_lp = token_lp[mask.to(self.device)]
             result = losses.compute_loss(first.loss_fn, flat_lp, flat_inputs, config)
-            if not first.forward_only:
-                result.loss.backward()
+            grads = [] if first.forward_only else _accumulated_gradients(tenant.params, result.loss)
+        outputs = self._split_outputs(reqs, lengths, flat_lp.detach(), result, flat_inputs)
+        metrics = [value for out in outputs for value in out.metrics.values()]
+        if not all_finite([result.loss, flat_lp, *(g for g in grads if g is not None), *metrics]):
+            raise UserError(
+                f"{'forward' if first.forward_only else 'forward_backward'} refused: its loss or gradients are not "
+                "finite (are loss_fn_inputs such as weights or advantages too large?); the adapter and its "
+                "accumulated gradients are as they were"
+            )
+        for p, g in zip(tenant.params, grads):
+            p.grad = g
         n_tokens = sum(lengths)
         tenant.tokens += n_tokens
         with self._lock:
             self.forward_passes += 1
             self.forward_requests += len(reqs)
             self._count_tokens(n_tokens)
+        return outputs
+
+    @staticmethod
+    def _split_outputs(
+        reqs: list[ForwardBackwardIn],
+        lengths: list[int],
+        flat_lp: torch.Tensor,
+        result: losses.LossResult,
+        flat_inputs: dict[str, torch.Tensor],
+    ) -> list[ForwardBackwardOut]:
+        """Cut the merged pass's flat per-token tensors back into each request's datums and metrics."""
         # One copy to the host for the whole batch, not two per datum.
-        host_lp, host_loss = flat_lp.detach().cpu().numpy(), result.elementwise_loss.detach().cpu().numpy()
-        flat_lp = flat_lp.detach()
+        host_lp, host_loss = flat_lp.cpu().numpy(), result.elementwise_loss.cpu().numpy()
+        bounds = np.concatenate([[0], np.cumsum(lengths)])
         outputs: list[ForwardBackwardOut] = []
-        start = 0
-        datum_index = 0
+        end = 0
         for req in reqs:
-            per_datum = []
-            req_start = start
-            for _ in req.data:
-                n = lengths[datum_index]
-                per_datum.append(
-                    {
-                        "logprobs": host_lp[start : start + n],
-                        "elementwise_loss": host_loss[start : start + n],
-                    }
-                )
-                start += n
-                datum_index += 1
-            piece = slice(req_start, start)
+            start, end = end, end + len(req.data)  # this request's datums
+            per_datum = [
+                {"logprobs": host_lp[bounds[d] : bounds[d + 1]], "elementwise_loss": host_loss[bounds[d] : bounds[d + 1]]}
+                for d in range(start, end)
+            ]
+            piece = slice(int(bounds[start]), int(bounds[end]))
             metrics = losses.loss_metrics(
-                first.loss_fn,
+                reqs[0].loss_fn,
                 result.elementwise_loss[piece],
                 flat_lp[piece],
                 {k: v[piece] for k, v in flat_inputs.items()},
@@ -734,16 +745,9 @@ class Engine:
 
     def _optim_step(self, tenant: Tenant, step: AdamStep) -> dict[str, float]:
         assert tenant.optimizer is not None
-        grads = [p.grad for p in tenant.params if p.grad is not None]
-        grad_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
-        if step.grad_clip_norm > 0 and grads:
-            torch.nn.utils.clip_grad_norm_(tenant.params, step.grad_clip_norm)
-        for group in tenant.optimizer.param_groups:
-            group.update(lr=step.learning_rate, betas=(step.beta1, step.beta2), eps=step.eps, weight_decay=step.weight_decay)
-        tenant.optimizer.step()
-        tenant.optimizer.zero_grad(set_to_none=True)
+        metrics = adam_step(tenant.params, tenant.optimizer, step)
         tenant.steps += 1
-        return {"grad_norm:mean": grad_norm, "learning_rate:mean": step.learning_rate}
+        return metrics
 
     def _adapter_state(self, tenant: Tenant) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
@@ -772,7 +776,7 @@ class Engine:
         set_peft_model_state_dict(self.peft, {k: v.to(self.device) for k, v in loaded.adapter.items()}, adapter_name=tenant.adapter)
         for p in tenant.params:
             p.grad = None
-        tenant.optimizer = _new_optimizer(tenant.params)
+        tenant.optimizer = new_optimizer(tenant.params)
         if loaded.optimizer is not None:
             tenant.optimizer.load_state_dict(loaded.optimizer)
         tenant.steps = int(loaded.meta.get("steps", 0))

@@ -13,6 +13,8 @@ from typing import Callable, Mapping
 
 import torch
 
+from .numeric import check_number
+
 LOSS_INPUTS: dict[str, tuple[str, ...]] = {
     "cross_entropy": ("target_tokens", "weights"),
     "importance_sampling": ("target_tokens", "logprobs", "advantages"),
@@ -46,7 +48,7 @@ class LossResult:
 
 
 def resolve_config(loss_fn: str, config: Mapping[str, float | str] | None) -> dict[str, float]:
-    """Merge ``config`` over the loss's defaults, rejecting unknown names and non-numbers."""
+    """Merge ``config`` over the loss's defaults, rejecting unknown names, non-numbers, NaN and infinities."""
     if loss_fn not in LOSS_CONFIG_DEFAULTS:
         raise LossConfigError(
             f"unsupported loss_fn {loss_fn!r}; supported: {sorted(LOSS_CONFIG_DEFAULTS)}"
@@ -58,9 +60,9 @@ def resolve_config(loss_fn: str, config: Mapping[str, float | str] | None) -> di
                 f"loss_fn_config key {key!r} is not used by {loss_fn!r}; "
                 f"accepted keys: {sorted(resolved) or 'none'}"
             )
-        if isinstance(value, str) or not isinstance(value, (int, float)):
-            raise LossConfigError(f"loss_fn_config[{key!r}] must be a number, got {value!r}")
-        resolved[key] = float(value)
+        resolved[key] = check_number(f"loss_fn_config[{key!r}]", value, error=LossConfigError)
+    if "beta" in resolved:
+        check_number("loss_fn_config['beta']", resolved["beta"], ge=0.0, error=LossConfigError)
     if "clip_low_threshold" in resolved and not (
         0.0 <= resolved["clip_low_threshold"] <= 1.0 <= resolved["clip_high_threshold"]
     ):

@@ -1,4 +1,8 @@
-"""Prometheus text exposition of the service's health: queue depth, throughput, per-tenant steps."""
+"""Prometheus text exposition of the service's health: queue depth, throughput, per-run steps.
+
+Service-wide series are aggregates; per-run series cover only the runs passed in
+(the caller's own), so one key's scrape does not list another key's runs.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,17 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from .engine import Engine, Tenant
 
 
 def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render(engine: Engine, requests: Counter[tuple[str, int]], pending_futures: int, active_sessions: int) -> str:
-    """Render metrics in Prometheus text format 0.0.4."""
+def render(
+    engine: Engine, requests: Counter[tuple[str, int]], pending_futures: int, active_sessions: int, runs: list[Tenant]
+) -> str:
+    """Render metrics in Prometheus text format 0.0.4, with per-run series for ``runs`` (loaded adapters)."""
     lines = [
         "# HELP trainer_queue_depth Jobs waiting for the engine worker.",
         "# TYPE trainer_queue_depth gauge",
@@ -46,23 +52,23 @@ def render(engine: Engine, requests: Counter[tuple[str, int]], pending_futures: 
         "# HELP trainer_tenants Loaded LoRA adapters.",
         "# TYPE trainer_tenants gauge",
         f"trainer_tenants {len(engine.tenants())}",
-        "# HELP trainer_tenant_steps_total Optimizer steps per tenant.",
+        "# HELP trainer_tenant_steps_total Optimizer steps per training run.",
         "# TYPE trainer_tenant_steps_total counter",
     ]
-    for tenant in engine.tenants():
+    for tenant in runs:
         lines.append(f'trainer_tenant_steps_total{{model_id="{_label(tenant.model_id)}"}} {tenant.steps}')
     lines += [
-        "# HELP trainer_tenant_tokens_total Training tokens per tenant.",
+        "# HELP trainer_tenant_tokens_total Training tokens per training run.",
         "# TYPE trainer_tenant_tokens_total counter",
     ]
-    for tenant in engine.tenants():
+    for tenant in runs:
         lines.append(f'trainer_tenant_tokens_total{{model_id="{_label(tenant.model_id)}"}} {tenant.tokens}')
     lines += [
-        "# HELP trainer_tenant_device_seconds_total Seconds of device compute per tenant (training and sampling its weights).",
+        "# HELP trainer_tenant_device_seconds_total Seconds of device compute per training run (training and sampling its weights).",
         "# TYPE trainer_tenant_device_seconds_total counter",
     ]
     seconds = engine.device_seconds_by_run()
-    for tenant in engine.tenants():
+    for tenant in runs:
         lines.append(f'trainer_tenant_device_seconds_total{{model_id="{_label(tenant.model_id)}"}} '
                      f'{seconds.get(tenant.model_id, 0.0):.6f}')
     lines += [

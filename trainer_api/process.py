@@ -57,13 +57,19 @@ def start_service(
     extra_args: tuple[str, ...] = (),
     timeout: float = 120.0,
 ) -> ServiceProcess:
-    """Launch the service and return once ``/api/v1/healthz`` answers (raise with the log if it dies)."""
+    """Launch the service and return once ``/api/v1/healthz`` answers (raise with the log if it dies).
+
+    ``api_key`` reaches the service as ``TRAINER_API_KEY`` (keys never go on a command line, which
+    ``ps`` shows to every user); without it the service gets no key from this environment either, so
+    ``extra_args`` may pass ``--api-keys-file``.
+    """
     port = free_port()
     cmd = [sys.executable, "-m", "trainer_api", "serve", "--base-model", str(model_dir),
            "--port", str(port), "--checkpoint-root", str(checkpoint_root), *extra_args]
+    env = {k: v for k, v in os.environ.items() if k != "TRAINER_API_KEY"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))
     if api_key:
-        cmd += ["--api-key", api_key]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
+        env["TRAINER_API_KEY"] = api_key
     log_path = Path(log_path)
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(cmd, cwd=PACKAGE_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)

@@ -14,7 +14,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .exceptions import UserError
+from .numeric import all_finite, check_int, check_number
 from .wire import SampledSeq, SampleOut
+
+SEED_RANGE = (-(2**63), 2**63 - 1)
+"""Seeds are signed 64-bit integers; each sample's generator seed is derived from it modulo 2**64."""
 
 
 @dataclass(frozen=True)
@@ -29,12 +34,21 @@ class SamplingSpec:
     stop_token_ids: frozenset[int] = frozenset()
     stop_strings: tuple[str, ...] = ()
 
+    def check(self) -> None:
+        """Refuse NaN, infinities and out-of-range values, naming the field (engine limits are checked there)."""
+        check_int("sampling_params.max_tokens", self.max_tokens, 0, 2**31 - 1)
+        check_number("sampling_params.temperature", self.temperature, ge=0.0)
+        check_number("sampling_params.top_p", self.top_p, gt=0.0, le=1.0)
+        if self.seed is not None:
+            check_int("sampling_params.seed", self.seed, *SEED_RANGE)
+
 
 def _choose(logits: torch.Tensor, spec: SamplingSpec, generators: list[torch.Generator]) -> torch.Tensor:
     """Pick one token per row honouring temperature, top_k and top_p (temperature 0 is greedy)."""
     if spec.temperature <= 0.0:
         return logits.argmax(dim=-1)
-    scores = logits / spec.temperature
+    # Shifted so the best score is 0: a tiny temperature then gives -inf, not inf - inf = NaN.
+    scores = (logits - logits.max(dim=-1, keepdim=True).values) / spec.temperature
     if 0 < spec.top_k < scores.shape[-1]:
         kth = torch.topk(scores, spec.top_k, dim=-1).values[..., -1, None]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -87,11 +101,12 @@ def _rows(tasks: Sequence[SampleTask]) -> list[_Row]:
     for t, task in enumerate(tasks):
         for i in range(task.num_samples):
             # One generator per sample: sample i depends on (seed, i) only, not on what it is batched with.
+            # Reduced modulo 2**64, the generator's seed range, so that no int64 seed overflows it.
             generator = torch.Generator()
             if task.spec.seed is None:
                 generator.seed()
             else:
-                generator.manual_seed(task.spec.seed * 1_000_003 + i)
+                generator.manual_seed((task.spec.seed * 1_000_003 + i) % 2**64)
             rows.append(_Row(t, task.spec, generator, [], [], done=task.spec.max_tokens == 0))
     return rows
 
@@ -123,7 +138,7 @@ def generate(
     cache_kw = _cache_kwarg(model)
     out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
     prompt_logprobs = _prompt_logprobs(out.logits, tasks, rows, input_ids)
-    logits = out.logits[:, -1, :].float()
+    logits = _finite(out.logits[:, -1, :].float())
     cache = _cache_of(out)
     for _ in range(max(task.spec.max_tokens for task in tasks)):
         step_logprobs = torch.log_softmax(logits, dim=-1)
@@ -134,9 +149,7 @@ def generate(
                 continue
             row.tokens.append(tok)
             row.logprobs.append(lp)
-            if tok in row.spec.stop_token_ids or (
-                row.spec.stop_strings and any(s in decode(row.tokens) for s in row.spec.stop_strings)
-            ):
+            if tok in row.spec.stop_token_ids or _has_stop_string(row.spec.stop_strings, row.tokens, decode):
                 row.done, row.stop_reason = True, "stop"
             elif len(row.tokens) >= row.spec.max_tokens:
                 row.done = True
@@ -146,7 +159,7 @@ def generate(
         positions = positions[:, -1:] + 1
         out = model(input_ids=chosen[:, None], attention_mask=attention, position_ids=positions,
                     use_cache=True, **{cache_kw: cache})
-        logits = out.logits[:, -1, :].float()
+        logits = _finite(out.logits[:, -1, :].float())
         cache = _cache_of(out)
     return [
         SampleOut(
@@ -157,6 +170,21 @@ def generate(
     ]
 
 
+def _finite(values: torch.Tensor) -> torch.Tensor:
+    """``values`` if all finite: NaN logits fail multinomial and NaN log-probabilities cannot travel in JSON."""
+    if not all_finite([values]):
+        raise UserError("sample refused: these weights give non-finite logits (the sampled adapter is not finite)")
+    return values
+
+
+def _has_stop_string(stops: tuple[str, ...], tokens: list[int], decode: Callable[[list[int]], str]) -> bool:
+    """Whether the decoded text contains a stop string; decoded once per step, however many strings there are."""
+    if not stops:
+        return False
+    text = decode(tokens)
+    return any(s in text for s in stops)
+
+
 def _prompt_logprobs(
     logits: torch.Tensor, tasks: Sequence[SampleTask], rows: list[_Row], input_ids: torch.Tensor
 ) -> dict[int, list[float | None]]:
@@ -165,9 +193,12 @@ def _prompt_logprobs(
     for t, task in enumerate(tasks):
         if not task.want_prompt_logprobs:
             continue
-        r = next(i for i, row in enumerate(rows) if row.task == t)
         n = len(task.prompt)
+        if n == 1:  # the first token has no prefix, hence no log-probability
+            out[t] = [None]
+            continue
+        r = next(i for i, row in enumerate(rows) if row.task == t)
         lp = torch.log_softmax(logits[r, -n:-1].float(), dim=-1)
-        gathered = lp.gather(-1, input_ids[r, -n + 1 :, None]).squeeze(-1)
+        gathered = _finite(lp.gather(-1, input_ids[r, -n + 1 :, None]).squeeze(-1))
         out[t] = [None] + [float(v) for v in gathered.cpu()]
     return out

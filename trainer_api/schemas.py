@@ -2,21 +2,33 @@
 
 They ignore fields they do not know (newer SDKs add some) but type-check the rest,
 so a wrong type is a 400 that names the field instead of a failure deep inside.
+Python's JSON parser accepts ``NaN`` and ``Infinity``; no float field here does.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 
-from .engine import AdamStep
+from .optim import AdamStep
+
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+"""Ids and counters: a JSON integer the engine, torch and numpy can hold (2**70 is a 400, not an overflow)."""
+MAX_TTL_SECONDS = 100 * 365 * 86400
+"""100 years: a longer TTL would overflow the expiry timestamp and break every listing of the run."""
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+"""A token id: non-negative and within int32, the SDK's wire type (the engine checks the vocabulary)."""
 
 
 class _Body(BaseModel):
-    """Request bodies ignore fields they do not know (newer SDKs add some) but type-check the rest."""
+    """Request bodies ignore fields they do not know (newer SDKs add some) but type-check the rest.
 
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+    ``allow_inf_nan=False`` refuses NaN and infinities in every float field, nested ones and
+    free-form metadata (``JsonValue``) included, so none can be stored and later fail to encode.
+    """
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), allow_inf_nan=False)
 
 
 class ClientConfigBody(_Body):
@@ -25,7 +37,7 @@ class ClientConfigBody(_Body):
 
 class CreateSessionBody(_Body):
     tags: list[str] = []
-    user_metadata: dict[str, Any] | None = None
+    user_metadata: dict[str, JsonValue] | None = None
     sdk_version: str | None = None
     project_id: str | None = None
     display_name: str | None = None
@@ -37,7 +49,7 @@ class SessionBody(_Body):
 
 class LoraBody(_Body):
     rank: int = Field(ge=1)
-    seed: int | None = None
+    seed: Int64 | None = None
     train_mlp: bool = True
     train_attn: bool = True
     train_unembed: bool = True
@@ -49,9 +61,9 @@ class OptimizerConfigBody(_Body):
 
 class CreateModelBody(_Body):
     session_id: str
-    model_seq_id: int
+    model_seq_id: Int64
     base_model: str
-    user_metadata: dict[str, Any] | None = None
+    user_metadata: dict[str, JsonValue] | None = None
     lora_config: LoraBody | None = None
     optimizer_config: OptimizerConfigBody = OptimizerConfigBody()
 
@@ -62,50 +74,50 @@ class ModelBody(_Body):
 
 class OptimStepBody(_Body):
     model_id: str
-    seq_id: int | None = None
+    seq_id: Int64 | None = None
     adam_params: AdamStep | None = None  # pydantic type-checks the engine's dataclass; unknown keys are ignored
-    optimizer_params: dict[str, Any] | None = None
+    optimizer_params: dict[str, JsonValue] | None = None
 
 
 class SaveWeightsBody(_Body):
     model_id: str
     path: str | None = None
-    seq_id: int | None = None
+    seq_id: Int64 | None = None
     overwrite: bool = False
     user_metadata: dict[str, str] | None = None
-    ttl_seconds: int | None = Field(default=None, ge=1)
+    ttl_seconds: int | None = Field(default=None, ge=1, le=MAX_TTL_SECONDS)
 
 
 class SaveExternalBody(_Body):
     model_id: str
     path: str
-    seq_id: int | None = None
-    ttl_seconds: int | None = Field(default=None, ge=1)
+    seq_id: Int64 | None = None
+    ttl_seconds: int | None = Field(default=None, ge=1, le=MAX_TTL_SECONDS)
     age_encryption_recipients: list[str] | None = None
 
 
 class TtlBody(_Body):
-    ttl_seconds: int | None = Field(ge=1)
+    ttl_seconds: int | None = Field(ge=1, le=MAX_TTL_SECONDS)
 
 
 class SaveForSamplerBody(SaveWeightsBody):
-    sampling_session_seq_id: int | None = None
+    sampling_session_seq_id: Int64 | None = None
 
 
 class LoadWeightsBody(_Body):
     model_id: str | None = None
-    seq_id: int | None = None
+    seq_id: Int64 | None = None
     session_id: str | None = None
-    model_seq_id: int | None = None
+    model_seq_id: Int64 | None = None
     base_model: str | None = None
-    user_metadata: dict[str, Any] | None = None
+    user_metadata: dict[str, JsonValue] | None = None
     path: str
     optimizer: bool = False
 
 
 class CreateSamplingSessionBody(_Body):
     session_id: str
-    sampling_session_seq_id: int
+    sampling_session_seq_id: Int64
     base_model: str | None = None
     model_path: str | None = None
 
@@ -113,7 +125,7 @@ class CreateSamplingSessionBody(_Body):
 class SamplingParamsBody(_Body):
     max_tokens: int | None = Field(default=None, ge=0)
     seed: int | None = None
-    stop: str | list[int] | list[str] | None = None
+    stop: str | list[TokenId] | list[str] | None = None
     temperature: float = Field(default=1.0, ge=0.0)
     top_k: int = -1
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -121,7 +133,7 @@ class SamplingParamsBody(_Body):
 
 class ChunkBody(_Body):
     type: Literal["encoded_text"] = "encoded_text"
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 class ModelInputBody(_Body):
@@ -138,7 +150,7 @@ class SampleBody(_Body):
     base_model: str | None = None
     model_path: str | None = None
     sampling_session_id: str | None = None
-    seq_id: int | None = None
+    seq_id: Int64 | None = None
     prompt_logprobs: bool | None = None
     topk_prompt_logprobs: int = 0
     topk_sample_logprobs: int = 0

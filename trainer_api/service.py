@@ -1,4 +1,8 @@
-"""Per-process state behind the routes: sessions, samplers, pending futures, request counts."""
+"""Per-process state behind the routes: sessions, samplers, pending futures, run owners, request counts.
+
+Routes never read this state directly: they reach it through ``ownership.TenantView``,
+which answers for the caller's own resources only.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,11 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .checkpoints import iso
-from .engine import Engine, NotFound, ServiceError, UserError
+from .engine import Engine
+from .exceptions import NotFound, ServiceError
 from .futures import FutureStore
 
 log = logging.getLogger("trainer_api.service")
@@ -20,6 +25,8 @@ class SessionState:
     """What the service knows about one SDK session."""
 
     session_id: str
+    owner: str
+    """The tenant id that created the session."""
     user_metadata: dict[str, Any] | None
     display_name: str | None
     created_at: float = field(default_factory=time.time)
@@ -34,26 +41,56 @@ class SamplerState:
     """A sampling session: which frozen weights it serves."""
 
     sampler_id: str
+    owner: str
     snapshot_key: str
     model_path: str | None
     clients: int = 1
 
 
 class Service:
-    """Per-process state behind the routes: sessions, samplers and pending futures."""
+    """Per-process state behind the routes: sessions, samplers, pending futures and who owns which run."""
 
-    def __init__(self, engine: Engine, api_key: str | None = None) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.api_key = api_key
         self.model_name = engine.model_name
         self.futures = FutureStore()
         self.sessions: dict[str, SessionState] = {}
         self.samplers: dict[str, SamplerState] = {}
         self.requests: Counter[tuple[str, int]] = Counter()
+        self._run_owners: dict[str, str] = {}
+        store = getattr(engine, "store", None)
+        if store is not None:
+            # One service per checkpoint root: at start-up nothing else is writing there, so whatever an
+            # interrupted save left behind (partial directories, an old copy set aside, temp files) is ours.
+            store.recover()
 
-    def finish_session(self, session_id: str, reason: str) -> None:
+    def live_owner(self, model_id: str) -> str | None:
+        """The owner of a run this process created, loaded or looked up: memory only, so the checks on the
+        training hot path (async routes, on the event loop) never wait on storage."""
+        return self._run_owners.get(model_id)
+
+    def run_owner(self, model_id: str) -> str | None:
+        """The tenant id owning a training run, from memory or (a run of an earlier process) its owner record.
+
+        Owners never change, so an owner read from storage is remembered.
+        """
+        owner = self._run_owners.get(model_id)
+        if owner is None:
+            owner = self.engine.store.read_owner(model_id)
+            if owner is not None:
+                self._run_owners[model_id] = owner
+        return owner
+
+    def claim_run(self, model_id: str, tenant_id: str) -> None:
+        """Make ``tenant_id`` the owner of a new run, on disk too, so its checkpoints stay its own after a restart.
+
+        ``owner.json`` is replaced atomically (temporary file, fsync, rename), so it is never seen half-written.
+        """
+        self.engine.store.write_owner(model_id, tenant_id)
+        self._run_owners[model_id] = tenant_id
+
+    def finish_session(self, session: SessionState, reason: str) -> None:
         """Mark a session finished (first reason wins) and unload its adapters to free memory."""
-        session = self.session(session_id)
         session.finished = session.finished or reason
         for model_id in session.training_run_ids:
             try:
@@ -69,7 +106,7 @@ class Service:
         expired = [s.session_id for s in self.sessions.values() if s.finished is None and s.last_heartbeat < cutoff]
         for session_id in expired:
             log.info("session expired", extra={"session_id": session_id})
-            self.finish_session(session_id, "expired")
+            self.finish_session(self.sessions[session_id], "expired")
         return expired
 
     def active_sessions(self, within_seconds: float = 120.0) -> int:
@@ -77,32 +114,9 @@ class Service:
         cutoff = time.time() - within_seconds
         return sum(1 for s in self.sessions.values() if s.finished is None and s.last_heartbeat >= cutoff)
 
-    def session(self, session_id: str) -> SessionState:
-        session = self.sessions.get(session_id)
-        if session is None:
-            raise NotFound(f"unknown session_id {session_id!r}; create a session first")
-        return session
-
-    def live_session(self, session_id: str) -> SessionState:
-        """A session that may still create models and samplers."""
-        session = self.session(session_id)
-        if session.finished is not None:
-            raise UserError(f"session {session_id} has finished ({session.finished}); create a new ServiceClient")
-        return session
-
-    def future_response(self, future: Any, encode: Callable[[Any], Any], kind: str, **extra: Any) -> dict[str, Any]:
-        request_id = self.futures.add(future, encode, kind)
-        return {"request_id": request_id, **extra}
-
-    def open_sampler(self, session_id: str, sampler_id: str, snapshot_key: str, model_path: str | None) -> str:
-        self.samplers[sampler_id] = SamplerState(sampler_id, snapshot_key, model_path)
-        self.session(session_id).sampler_ids.append(sampler_id)
-        return sampler_id
-
-    def training_run(self, model_id: str) -> dict[str, Any]:
-        record = self.engine.store.read_run(model_id)
-        if record is None:
-            raise NotFound(f"unknown training run {model_id!r}")
+    def training_run(self, record: dict[str, Any], owner_name: str) -> dict[str, Any]:
+        """A run record in the SDK's TrainingRun shape, with its latest checkpoints and last activity."""
+        model_id = record["training_run_id"]
         checkpoints = self.engine.store.list(model_id)
         training = [c for c in checkpoints if c["checkpoint_type"] == "training"]
         sampler = [c for c in checkpoints if c["checkpoint_type"] == "sampler"]
@@ -110,7 +124,7 @@ class Service:
         return {
             "training_run_id": model_id,
             "base_model": record["base_model"],
-            "model_owner": "local",
+            "model_owner": owner_name,
             "is_lora": True,
             "corrupted": False,
             "lora_rank": record["lora"]["rank"],

@@ -10,8 +10,9 @@ server can never drift from the client it serves.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from tinker.proto import tinker_public_pb2 as pb
@@ -75,29 +76,75 @@ class ForwardBackwardOut:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def _dense_from_proto(name: str, t: pb.Tensor) -> np.ndarray:
+MAX_SPARSE_ELEMENTS = 1 << 22
+"""The most elements the sparse tensors of one request may expand to (4,194,304: 2,048 times the
+default context). A CSR tensor is a few bytes on the wire whatever shape it declares, so its dense
+size is checked before anything is allocated; dense tensors are bounded by the body size already."""
+
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _frombuffer(where: str, data: bytes, dtype: np.dtype) -> np.ndarray:
+    if len(data) % dtype.itemsize:
+        raise WireError(
+            f"{where} has {len(data)} bytes, not a whole number of {dtype.name} elements ({dtype.itemsize} bytes each)"
+        )
+    return np.frombuffer(data, dtype=dtype)
+
+
+def _checked_shape(where: str, shape: Any) -> list[int]:
+    """A shape as non-negative Python ints (so its size cannot overflow), or a WireError."""
+    if not isinstance(shape, (list, tuple)) or not all(
+        isinstance(d, int) and not isinstance(d, bool) for d in shape
+    ):
+        raise WireError(f"{where} has shape {shape!r}; a shape is a list of integers")
+    if any(d < 0 for d in shape):
+        raise WireError(f"{where} has shape {list(shape)}; dimensions must not be negative")
+    return [int(d) for d in shape]
+
+
+class _SparseBudget:
+    """How many elements the request's sparse tensors may still expand to."""
+
+    def __init__(self) -> None:
+        self.left = MAX_SPARSE_ELEMENTS
+
+    def take(self, where: str, shape: list[int]) -> None:
+        size = math.prod(shape)
+        if size > self.left:
+            raise WireError(
+                f"{where} is sparse with shape {shape} ({size} elements); the sparse tensors of one request "
+                f"may expand to at most {MAX_SPARSE_ELEMENTS} elements"
+            )
+        self.left -= size
+
+
+def _dense_from_proto(name: str, t: pb.Tensor, budget: _SparseBudget | None = None) -> np.ndarray:
+    where = f"loss_fn_inputs[{name!r}]"
     dtype = _PROTO_DTYPES.get(t.dtype)
     if dtype is None:
-        raise WireError(f"loss_fn_inputs[{name!r}] has unsupported dtype enum {t.dtype}")
-    shape = list(t.shape)
+        raise WireError(f"{where} has unsupported dtype enum {t.dtype}")
+    shape = _checked_shape(where, list(t.shape))
     if t.HasField("sparse_csr"):
         if len(shape) != 2:
-            raise WireError(f"loss_fn_inputs[{name!r}] is sparse but its shape {shape} is not 2-D")
-        values = np.frombuffer(t.sparse_csr.values, dtype=dtype)
-        crow = np.frombuffer(t.sparse_csr.crow_indices, dtype=np.int64)
-        col = np.frombuffer(t.sparse_csr.col_indices, dtype=np.int64)
+            raise WireError(f"{where} is sparse but its shape {shape} is not 2-D")
+        (budget or _SparseBudget()).take(where, shape)
+        values = _frombuffer(f"{where}.sparse_csr.values", t.sparse_csr.values, dtype)
+        crow = _frombuffer(f"{where}.sparse_csr.crow_indices", t.sparse_csr.crow_indices, np.dtype(np.int64))
+        col = _frombuffer(f"{where}.sparse_csr.col_indices", t.sparse_csr.col_indices, np.dtype(np.int64))
+        if (
+            len(crow) != shape[0] + 1 or len(col) != len(values) or crow[0] != 0 or crow[-1] != len(col)
+            or np.any(np.diff(crow) < 0)
+        ):
+            raise WireError(f"{where} has inconsistent CSR indices")
+        if len(col) and (col.min() < 0 or col.max() >= shape[1]):
+            raise WireError(f"{where} has a CSR column out of range")
         dense = np.zeros(shape, dtype=dtype)
-        if len(crow) != shape[0] + 1 or len(col) != len(values):
-            raise WireError(f"loss_fn_inputs[{name!r}] has inconsistent CSR indices")
-        for row in range(shape[0]):
-            cols = col[crow[row] : crow[row + 1]]
-            if len(cols) and (cols.min() < 0 or cols.max() >= shape[1]):
-                raise WireError(f"loss_fn_inputs[{name!r}] has a CSR column out of range")
-            dense[row, cols] = values[crow[row] : crow[row + 1]]
+        dense[np.repeat(np.arange(shape[0]), np.diff(crow)), col] = values
         return dense
-    arr = np.frombuffer(t.dense, dtype=dtype)
-    if shape and int(np.prod(shape)) != arr.size:
-        raise WireError(f"loss_fn_inputs[{name!r}] has {arr.size} values but shape {shape}")
+    arr = _frombuffer(where, t.dense, dtype)
+    if shape and math.prod(shape) != arr.size:
+        raise WireError(f"{where} has {arr.size} values but shape {shape}")
     return arr.reshape(shape) if shape else arr
 
 
@@ -109,14 +156,16 @@ def decode_forward_backward_proto(body: bytes, forward_only: bool | None = None)
     except Exception as exc:  # protobuf raises DecodeError, a bare Exception subclass
         raise WireError(f"body is not a valid ForwardBackwardRequest protobuf: {exc}") from exc
     data: list[DatumIn] = []
+    budget = _SparseBudget()
     for i, datum in enumerate(msg.data):
         tokens: list[np.ndarray] = []
         for chunk in datum.model_input:
             kind = chunk.WhichOneof("chunk")
             if kind != "encoded_text":
                 raise WireError(f"data[{i}]: only encoded_text chunks are supported, got {kind}")
-            tokens.append(np.frombuffer(chunk.encoded_text.tokens, dtype=np.int32).astype(np.int64))
-        inputs = {name: _dense_from_proto(name, t) for name, t in datum.loss_fn_inputs.items()}
+            raw = _frombuffer(f"data[{i}].model_input tokens", chunk.encoded_text.tokens, np.dtype(np.int32))
+            tokens.append(raw.astype(np.int64))
+        inputs = {name: _dense_from_proto(name, t, budget) for name, t in datum.loss_fn_inputs.items()}
         data.append(DatumIn(np.concatenate(tokens) if tokens else np.zeros(0, np.int64), inputs))
     config: dict[str, float | str] = {}
     if msg.loss_fn_config_v2:
@@ -135,21 +184,27 @@ def decode_forward_backward_proto(body: bytes, forward_only: bool | None = None)
 
 
 def _tensor_from_json(name: str, value: Any) -> np.ndarray:
+    where = f"loss_fn_inputs[{name!r}]"
     if not isinstance(value, Mapping) or "data" not in value:
-        raise WireError(f"loss_fn_inputs[{name!r}] must be an object with 'data' and 'dtype'")
-    dtype = _JSON_DTYPES.get(value.get("dtype", "float32"))
+        raise WireError(f"{where} must be an object with 'data' and 'dtype'")
+    dtype_name = value.get("dtype", "float32")
+    dtype = _JSON_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
-        raise WireError(f"loss_fn_inputs[{name!r}] has unsupported dtype {value.get('dtype')!r}")
+        raise WireError(f"{where} has unsupported dtype {dtype_name!r}")
+    if not isinstance(value["data"], list):
+        raise WireError(f"{where}.data must be a list of numbers")
     try:
         arr = np.asarray(value["data"], dtype=dtype)
+    except OverflowError as exc:
+        raise WireError(f"{where}.data has a value outside {dtype.name}: {exc}") from exc
     except (TypeError, ValueError) as exc:
-        raise WireError(f"loss_fn_inputs[{name!r}].data is not numeric: {exc}") from exc
+        raise WireError(f"{where}.data is not numeric: {exc}") from exc
     shape = value.get("shape")
     if shape:
-        try:
-            arr = arr.reshape(shape)
-        except ValueError as exc:
-            raise WireError(f"loss_fn_inputs[{name!r}] does not fit shape {shape}") from exc
+        shape = _checked_shape(where, shape)
+        if math.prod(shape) != arr.size:
+            raise WireError(f"{where} has {arr.size} values but shape {shape}")
+        arr = arr.reshape(shape)
     return arr
 
 
@@ -166,6 +221,8 @@ def _model_input_tokens(model_input: Any, where: str) -> list[int]:
             isinstance(t, int) and not isinstance(t, bool) for t in values
         ):
             raise WireError(f"{where}: chunk tokens must be a list of integers")
+        if values and not (_INT64[0] <= min(values) and max(values) <= _INT64[1]):
+            raise WireError(f"{where}: token ids must be vocabulary ids; {max(values, key=abs)} is not")
         tokens.extend(values)
     return tokens
 
@@ -191,12 +248,23 @@ def decode_forward_backward_json(body: Mapping[str, Any], forward_only: bool) ->
     config = fbi.get("loss_fn_config") or {}
     if not isinstance(config, Mapping):
         raise WireError("loss_fn_config must be an object")
+    seq_id = body.get("seq_id")
+    if seq_id is None:
+        seq_id = 0
+    elif not isinstance(seq_id, int) or isinstance(seq_id, bool) or not _INT64[0] <= seq_id <= _INT64[1]:
+        raise WireError(f"seq_id must be a 64-bit integer, not {seq_id!r}")
+    loss_fn = fbi.get("loss_fn")
+    if not isinstance(loss_fn, str):
+        raise WireError(f"forward_backward_input.loss_fn must be a string, not {loss_fn!r}")
+    only = body.get("forward_only", forward_only)
+    if not isinstance(only, bool):
+        raise WireError(f"forward_only must be true or false, not {only!r}")
     return ForwardBackwardIn(
         model_id=model_id,
-        seq_id=int(body.get("seq_id") or 0),
-        loss_fn=str(fbi.get("loss_fn")),
+        seq_id=seq_id,
+        loss_fn=loss_fn,
         loss_fn_config=dict(config),
-        forward_only=bool(body.get("forward_only", forward_only)),
+        forward_only=only,
         data=data,
     )
 

@@ -236,9 +236,9 @@ def test_only_the_controller_gets_an_api_token_and_nothing_runs_as_root(kustomiz
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_long_running_containers_have_probes_on_their_own_ports(kustomization: str) -> None:
-    app_source = (REPO / "trainer_api" / "app.py").read_text()
-    health_route = re.search(r'@app\.get\("([^"]+)"\)\s+async def healthz', app_source)
-    assert health_route
+    routes_source = (REPO / "trainer_api" / "routes" / "server.py").read_text()
+    health_route = re.search(r'^HEALTH_PATH = "([^"]+)"', routes_source, re.MULTILINE)
+    assert health_route and "@router.get(HEALTH_PATH)\nasync def healthz" in routes_source
     for workload in (o for o in render(kustomization) if o["kind"] in ("Deployment", "StatefulSet")):
         for container in pod_spec(workload)["containers"]:
             ports = {p["name"] for p in container.get("ports", [])}

@@ -38,7 +38,9 @@ def test_round_trip_with_optimizer_and_listing(store):
     assert [r["training_run_id"] for r in store.list_runs()] == ["run-1"]
     [listed] = store.list("run-1")
     assert listed["checkpoint_id"] == "weights/step-3" and listed["size_bytes"] > 0
-    assert store.usage() == (1, listed["size_bytes"])
+    assert store.read_owner("run-1") is None  # no owner recorded yet: no tenant's run
+    store.write_owner("run-1", "tenant-a")
+    assert store.read_owner("run-1") == "tenant-a" and store.read_owner("run-2") is None
     with pytest.raises(CheckpointError, match="already exists"):
         store.save(ref, _adapter(), {}, None)
     store.save(ref, _adapter(), {"base_model": "m2"}, None, overwrite=True)

@@ -117,8 +117,8 @@ def test_snapshots_are_bounded_and_named_ones_reload_from_disk(engine):
 
 def test_sessions_without_heartbeats_are_reaped(engine):
     service = Service(engine)
-    service.sessions["quiet"] = SessionState("quiet", None, None, last_heartbeat=time.time() - 1000)
-    service.sessions["alive"] = SessionState("alive", None, None)
+    service.sessions["quiet"] = SessionState("quiet", "tenant", None, None, last_heartbeat=time.time() - 1000)
+    service.sessions["alive"] = SessionState("alive", "tenant", None, None)
     engine.create_model("quiet:train:0", "quiet", LoraSpec(rank=2, seed=0), {}).result()
     service.sessions["quiet"].training_run_ids.append("quiet:train:0")
     assert service.reap_expired(timeout_seconds=300) == ["quiet"]

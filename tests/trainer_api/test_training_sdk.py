@@ -253,7 +253,7 @@ def test_rest_client_lists_and_deletes_checkpoints_and_runs(server, service_clie
 def test_metrics_report_queue_throughput_and_steps(server, service_client, base_model, tokenizer):
     tc = service_client.create_lora_training_client(base_model=base_model, rank=2, seed=8).result()
     train(tc, [sft_datum(tokenizer, TEXTS[1])], steps=2, lr=1e-3)
-    text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
+    text = httpx.get(f"{server.base_url}/metrics", headers={"X-API-Key": server.api_key}, timeout=10).text
     assert "# TYPE trainer_queue_depth gauge" in text
     assert int(next(l.split()[1] for l in text.splitlines() if l.startswith("trainer_sessions_active"))) >= 1
     assert f'trainer_tenant_steps_total{{model_id="{tc.model_id}"}} 2' in text
