@@ -24,10 +24,11 @@ from .params import distributions
 from .proposers import make_scheduler
 from .reaping import adopt_running, fail_trial, reap_stale
 from .spec import StudySpec
-from .study import Tally, make_storage, open_study, tally
+from .study import Tally, make_storage, open_study, record_study_file, retry_failed_trials, tally
 from .trainer_service import TrainerService, check_reachable, start_trainer
 
 Progress = Callable[[Tally, int], None]
+Notify = Callable[[str], None]
 
 
 @contextlib.contextmanager
@@ -37,6 +38,9 @@ def _trainer(spec: StudySpec) -> Iterator[str | None]:
         yield None
     elif spec.training.api != "local":
         check_reachable(spec.training.api)
+        from .trial.service_routes import check_service
+
+        check_service(spec.training.api, spec.training.api_key)  # a refused key would fail every trial
         yield spec.training.api
     else:
         service: TrainerService = start_trainer(spec)
@@ -75,20 +79,39 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def run_study(spec: StudySpec, *, n_trials: int | None = None, progress: Progress | None = None, poll_s: float = 0.5) -> Tally:
+def run_study(spec: StudySpec, *, n_trials: int | None = None, progress: Progress | None = None, poll_s: float = 0.5,
+              retry_failed: bool = False, notify: Notify | None = None) -> Tally:
     """Run trials until ``n_trials`` (default: the spec's budget) are settled; return the final tally.
 
     SIGTERM is handled like Ctrl-C: workers are stopped and their trials fail
     with reason ``interrupted`` and are queued again for the next run.
+    ``retry_failed`` first queues every failed trial (one no retry follows) again
+    with its parameters, so that it no longer counts towards the budget.
+    ``notify`` gets one-line warnings: the study file changed since earlier
+    trials ran, nothing is left to run. When nothing is left to run (no trial
+    waiting or running, the budget spent), no training service is started.
     """
     with _sole_controller(spec):
-        return _run(spec, n_trials or spec.budget.n_trials, progress, poll_s)
+        return _run(spec, n_trials or spec.budget.n_trials, progress, poll_s, retry_failed, notify or (lambda _: None))
 
 
-def _run(spec: StudySpec, budget: int, progress: Progress | None, poll_s: float) -> Tally:
+def _run(spec: StudySpec, budget: int, progress: Progress | None, poll_s: float, retry_failed: bool, notify: Notify) -> Tally:
     storage = make_storage(spec)
     study = open_study(spec, storage, create=True)
+    changed = record_study_file(study, spec)
+    if changed:
+        notify(changed)
+    if retry_failed:
+        retried = retry_failed_trials(study)
+        notify(f"queued {len(retried)} failed trial(s) again: {', '.join(f'#{n}' for n in retried)}" if retried
+               else "--retry-failed: no failed trial to queue again")
     space = distributions(spec)
+    state = tally(study)
+    if state.waiting == 0 and state.running == 0 and state.settled >= budget:
+        if progress:
+            progress(state, budget)
+        notify(f"nothing left to run: {state.settled} of {budget} trials settled")
+        return state
     scheduler = make_scheduler(spec, study, space)
     study_id = storage.get_study_id_from_name(spec.name)
     launcher = make_launcher(spec)

@@ -40,7 +40,9 @@ def fail_trial(study: optuna.Study, storage: RDBStorage, spec: StudySpec, trial_
 
 def reap_stale(study: optuna.Study, study_id: int, storage: RDBStorage, spec: StudySpec, owned: set[int]) -> list[int]:
     """Fail and retry RUNNING trials, not run by this controller, whose heartbeat is older than the grace period."""
-    # RDBStorage has no public "stale trials" query; this is the one optuna.storages.fail_stale_trials uses.
+    # Private, and kept: RDBStorage has no public "stale trials" query. The public optuna.storages.fail_stale_trials
+    # (which runs this same query) would also fail the trials of our own workers, whose liveness this controller
+    # knows better than their heartbeat (a Job waiting in a Kueue queue has not beaten yet), and records no reason.
     stale = [i for i in storage._get_stale_trial_ids(study_id) if i not in owned]
     reason = f"worker lost: no heartbeat for {spec.heartbeat.grace_s} s"
     return [i for i in stale if fail_trial(study, storage, spec, i, reason, retry=True)]

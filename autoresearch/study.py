@@ -133,3 +133,57 @@ def tally(study: optuna.Study) -> Tally:
         failed_final=sum(t.number not in retried for t in by_state[TrialState.FAIL]),
         best=max((t.value for t in complete if t.value is not None), default=None),
     )
+
+
+STUDY_FILE_ATTR = "study_file_sha256"
+"""The study's user attr (and each trial's) holding the SHA-256 of the study file it ran under."""
+STUDY_FILE_HISTORY_ATTR = "study_file_history"
+"""Every version of the study file the study ran under: ``{"sha256", "first_trial", "path"}``, oldest first."""
+
+
+def record_study_file(study: optuna.Study, spec: StudySpec) -> str | None:
+    """Record the study file's hash on the study; a warning line when it differs from the one earlier trials ran under.
+
+    An edited study file is reported, not refused: fixing a typo and continuing must stay possible. Trials
+    settled before the edit are not rerun; each trial records the hash it ran under (see the worker), so
+    ``status`` tells which ran under an earlier version.
+    """
+    from .preflight import study_file_sha256
+
+    digest = study_file_sha256(spec)
+    history = list(study.user_attrs.get(STUDY_FILE_HISTORY_ATTR, []))
+    previous = study.user_attrs.get(STUDY_FILE_ATTR)
+    if previous == digest:
+        return None
+    n_trials = len(study.get_trials(deepcopy=False))
+    since = history[-1]["first_trial"] if history else 0
+    history.append({"sha256": digest, "first_trial": n_trials, "path": str(spec.path)})
+    study.set_user_attr(STUDY_FILE_ATTR, digest)
+    study.set_user_attr(STUDY_FILE_HISTORY_ATTR, history)
+    if previous is None or n_trials <= since:
+        return None
+    return (f"{spec.path} changed since trials {since}-{n_trials - 1} of study {spec.name!r} ran (sha256 {previous[:12]} then, "
+            f"{digest[:12]} now): those trials are kept as they are, and compare with new ones only if the edit "
+            "left the search, dataset and training alone")
+
+
+def retry_failed_trials(study: optuna.Study) -> list[int]:
+    """Queue every failed trial that no retry follows again, with its parameters; the numbers queued.
+
+    The new trial names the failed one as Optuna's retry callbacks do (``failed_trial``, ``retry_history``),
+    so the failed trial stops counting towards the budget; its history starts afresh, so the new trial gets
+    ``budget.max_retries`` retries of its own should its worker be lost.
+    """
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_numbers(trials)
+    queued = []
+    for trial in trials:
+        if trial.state != TrialState.FAIL or trial.number in retried:
+            continue
+        study.add_trial(optuna.trial.create_trial(
+            state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+            user_attrs={k: v for k, v in trial.user_attrs.items() if k in ("proposer", "proposer_model", "rationale")},
+            system_attrs={"failed_trial": trial.number, "retry_history": [trial.number]},
+        ))
+        queued.append(trial.number)
+    return queued

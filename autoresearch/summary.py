@@ -12,8 +12,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .proposers.scheduler import USAGE_ATTR, Usage
-from .spec import StudySpec
-from .study import Tally, tally
+from .preflight import study_file_sha256
+from .spec import DEFAULT_OBJECTIVE, REWARD_PREFIX, StudySpec
+from .study import STUDY_FILE_ATTR, Tally, tally
 
 
 EVALUATIONS = {"untrained": "untrained_eval_", "after SFT": "sft_eval_", "final": "eval_"}
@@ -71,6 +72,10 @@ def status_document(spec: StudySpec, study: optuna.Study) -> dict[str, Any]:
         "best": None if best is None else {"number": best.number, "value": best.value, "params": best.params,
                                            **accuracies(best)},
         "proposer": proposer_usage(spec, study),
+        "study_file_sha256": study.user_attrs.get(STUDY_FILE_ATTR),
+        # Trials whose worker loaded another version of the study file than the one the controller last ran.
+        "other_study_file_trials": [t.number for t in trials if t.user_attrs.get(STUDY_FILE_ATTR) not in
+                                    (None, study.user_attrs.get(STUDY_FILE_ATTR))],
         "trials": [trial_row(t) for t in trials],
     }
 
@@ -92,17 +97,54 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
 
 
 def export_best(spec: StudySpec, study: optuna.Study) -> dict[str, Any]:
-    """The best trial as a re-runnable call: ``run_trial(doc["params"], trainer_url=...)``."""
+    """The best trial as a re-runnable call (see :func:`export_trial`)."""
     best = best_trial(study)
     if best is None:
         raise LookupError(f"study {spec.name!r} has no completed trial yet")
+    return export_trial(spec, study, best.number)
+
+
+def export_trial(spec: StudySpec, study: optuna.Study, number: int) -> dict[str, Any]:
+    """Trial ``number`` as a re-runnable call: ``run_trial(**doc["run_trial"], trainer_url=...)``.
+
+    ``run_trial`` holds its keywords as ``run_trial`` takes them: ``params`` (the fixed and searched
+    parameters; for ``run_trial`` itself every TrialParams field, the seed included, and every reward weight,
+    so that a change of defaults cannot change the re-run), ``dataset`` (the study's ``[dataset]``) and
+    ``base_model`` (None for a local service: the one model it serves, which ``training`` describes). The
+    trainer URL and the API key are the caller's: they differ between where the study ran and where it re-runs.
+    """
+    trials = study.get_trials(deepcopy=False)
+    trial = next((t for t in trials if t.number == number), None)
+    if trial is None:
+        raise LookupError(f"study {spec.name!r} has no trial {number} (it has {len(trials)})")
+    # A trial still WAITING (an enqueued retry or proposal) keeps its parameters in ``fixed_params`` until asked.
+    params = {**trial.user_attrs.get("fixed_params", spec.fixed), **(trial.params or trial.system_attrs.get("fixed_params", {}))}
+    reward_config = trial.user_attrs.get("reward_config")
+    if spec.objective == DEFAULT_OBJECTIVE:
+        from .params import TrialParams, split_params
+
+        hyper, reward = split_params(params)
+        reward_config = reward.to_dict()
+        params = {**TrialParams(**hyper).model_dump(), **{REWARD_PREFIX + k: v for k, v in reward_config.items()}}
+    local = spec.training.api == "local"
+    ran_under = trial.user_attrs.get(STUDY_FILE_ATTR)
     return {
         "study": spec.name,
-        "trial": best.number,
-        "value": best.value,
+        "trial": trial.number,
+        "state": trial.state.name,
+        "value": trial.value,
         "objective": spec.objective,
-        "params": {**best.user_attrs.get("fixed_params", spec.fixed), **best.params},
-        "reward_config": best.user_attrs.get("reward_config"),
+        "study_file": str(spec.path),
+        "study_file_sha256": ran_under,
+        # The dataset and training below are the study file's now: they are the trial's only if the file is the same.
+        "study_file_changed": ran_under is not None and ran_under != study_file_sha256(spec),
+        "training": {"api": spec.training.api, "base_model": spec.training.base_model, "device": spec.training.device},
+        "reward_config": reward_config,
+        "run_trial": {
+            "params": params,
+            "dataset": spec.dataset.model_dump(),
+            "base_model": None if local else spec.training.base_model,
+        },
     }
 
 
@@ -122,6 +164,10 @@ def status_table(document: dict[str, Any]) -> str:
                 f"{name} {estimate(best[f'{p}execution_accuracy'], best[f'{p}execution_accuracy_ci'])}"
                 for name, p in EVALUATIONS.items())
         lines.append(line)
+    other = document.get("other_study_file_trials")
+    if other:
+        lines.append(f"warning: trial(s) {', '.join(map(str, other))} ran under another version of the study file "
+                     f"than the last `autoresearch run` (sha256 {document['study_file_sha256'][:12]})")
     llm = document.get("proposer")
     if llm:
         lines.append(f"proposer {llm['type']} {llm['model']} ({llm['mode']}, share {llm['share']:g}): "

@@ -20,7 +20,9 @@ from types import TracebackType
 from typing import Any, Mapping
 
 import optuna
-import optuna.storages._rdb.models
+# Private, and kept: Optuna imports its ORM models only inside the first RDBStorage, and no public module holds
+# them; importing them here lets configure_mappers below (and the fork server's preload) cover them.
+import optuna.storages._rdb.models  # noqa: F401
 import sqlalchemy.orm
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
@@ -28,8 +30,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from .hacking import hacking_evidence, read_curves
 from .params import split_params
+from .preflight import study_file_sha256
 from .spec import StudySpec
-from .study import make_storage, open_study
+from .study import STUDY_FILE_ATTR, make_storage, open_study
 
 # Configured here, once, rather than by the first query of every worker (about 30 ms each): a fork server that
 # imports this module hands configured ORM mappers to each worker it forks.
@@ -99,6 +102,8 @@ def run_worker(spec: StudySpec, number: int, trainer_url: str | None = None, ope
         "retry_count": len(RetryHeartbeatStaleTrialCallback.retry_history(frozen)),
         "failure_reason": None,
         "run_dir": str(run_dir),
+        # The file this worker loaded (a trial pod's is the image's copy): ``status`` flags trials run under another.
+        STUDY_FILE_ATTR: study_file_sha256(spec),
     }.items():
         trial.set_user_attr(key, value)
     objective = spec.load_objective()

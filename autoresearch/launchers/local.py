@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 
 KILL_GRACE_S = 5.0  # between SIGTERM and SIGKILL when a worker is stopped
 # Optuna imports SQLAlchemy, Alembic and its RDB models lazily, on the first RDBStorage: name them so that the
-# fork server pays for them once instead of every worker (about 1.5 s each on a small machine).
+# fork server pays for them once instead of every worker (about 1.5 s each on a small machine). The models'
+# module is private, and kept: no public module holds them (see worker.py).
 PRELOAD = ["autoresearch.worker", "sqlalchemy.orm", "alembic.migration", "alembic.script", "optuna.storages._rdb.models",
            "psycopg"]
 

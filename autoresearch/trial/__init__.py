@@ -17,5 +17,6 @@ arithmetic and the training data, pure), ``steps`` (one SFT or GRPO step),
 from __future__ import annotations
 
 from .run import run_trial
+from .service_routes import TrainingServiceError
 
-__all__ = ["run_trial"]
+__all__ = ["TrainingServiceError", "run_trial"]

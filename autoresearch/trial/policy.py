@@ -15,9 +15,28 @@ from env.text2sql.prompts import format_prompt
 from ..params import TrialParams
 from . import service_routes
 from .grpo import Datum
+from .service_routes import TrainingServiceError
 
 ANSWER_END = "<end_of_turn>"
 FINAL_LR_FRACTION = 0.1
+
+
+def open_policy(trainer_url: str, api_key: str, base_model: str | None, hp: TrialParams) -> "Policy":
+    """A :class:`Policy`, with the SDK's connection and authentication failures as one-line TrainingServiceErrors."""
+    import tinker
+
+    try:
+        return Policy(trainer_url, api_key, base_model, hp)
+    except (tinker.AuthenticationError, tinker.PermissionDeniedError) as error:
+        raise TrainingServiceError(f"the training service at {trainer_url} refused the API key "
+                                   f"({type(error).__name__}: {_first_line(error)})") from None
+    except (tinker.APIConnectionError, tinker.APITimeoutError) as error:
+        raise TrainingServiceError(f"the training service at {trainer_url} cannot be reached "
+                                   f"({type(error).__name__}: {_first_line(error)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:300]
 
 
 class Policy:

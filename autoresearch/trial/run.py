@@ -18,7 +18,8 @@ from ..stats import Accuracy, accuracy
 from .data import load_examples
 from .evaluation import examples_digest, predict, summary
 from .outputs import LEARNING_CURVE, MetricsLog, learning_curve, upload, write_predictions
-from .policy import Policy
+from .policy import Policy, open_policy
+from .service_routes import check_service
 from .steps import rl_step, sft_step
 
 WILCOXON_CHUNK = 8
@@ -85,7 +86,7 @@ def run_trial(
     params: dict[str, Any],
     *,
     trainer_url: str,
-    dataset: DatasetSpec | None = None,
+    dataset: DatasetSpec | dict[str, Any] | None = None,
     run_dir: str | Path = "runs/trial",
     optuna_trial: optuna.Trial | None = None,
     base_model: str | None = None,
@@ -95,11 +96,29 @@ def run_trial(
 ) -> dict[str, Any]:
     """Train one LoRA adapter with ``params`` and return its metrics; ``objective`` is held-out execution accuracy.
 
-    ``params`` holds TrialParams fields and ``reward.*`` weights. With
-    ``optuna_trial``, each evaluation is reported (``optuna.TrialPruned`` is
-    raised when the pruner says stop), what the evaluations found is set as
-    user attrs, and the outputs are uploaded as artifacts to a
-    FileSystemArtifactStore at ``artifact_dir``.
+    Re-run a study's trial with what ``autoresearch best STUDY --export F`` (or ``--trial N``) wrote::
+
+        autoresearch.run_trial(**json.load(open(F))["run_trial"], trainer_url="http://host:8000")
+
+    Arguments and their defaults:
+
+    - ``params``: TrialParams fields and ``reward.<weight>`` RewardConfig weights; a field left out takes
+      TrialParams' default (``learning_rate`` 1e-4, ``lora_rank`` 8, ``samples_per_prompt`` 4,
+      ``prompts_per_step`` 4, ``temperature`` 1.0, ``loss`` ``ppo``, ``clip_low`` 0.8, ``clip_high`` 1.2,
+      ``dro_beta`` 0.05, ``rl_steps`` 10, ``sft_steps`` 0, ``sft_batch_size`` 8, ``max_tokens`` 128,
+      ``eval_every`` 5, ``seed`` 0), a weight left out RewardConfig's.
+    - ``trainer_url``: the Tinker-compatible training service (required). It is probed first: one that does
+      not answer within 5 s, or refuses ``api_key``, raises :class:`TrainingServiceError` with one line.
+    - ``dataset``: a DatasetSpec or its dict (a study's ``[dataset]``); default ``DatasetSpec()``: the
+      synthetic generator over all its domains, 200 training and 50 held-out examples, seed 0.
+    - ``run_dir``: the trial folder for ``metrics.jsonl``, predictions and the learning curve (``runs/trial``,
+      relative to the working directory).
+    - ``optuna_trial``: None. With one, each evaluation is reported (``optuna.TrialPruned`` is raised when the
+      pruner says stop), what the evaluations found is set as user attrs, and the outputs are uploaded as
+      artifacts to a FileSystemArtifactStore at ``artifact_dir`` (None: not uploaded).
+    - ``base_model``: None, the service's first (a local service's only) model.
+    - ``api_key``: ``tml-autoresearch-local``, the key a study's local service gets by default.
+    - ``scoring_workers``: 1 scoring process.
 
     Every policy output is scored by one ScoringPool of ``scoring_workers``
     processes that lives as long as the trial: its scorers keep each schema's
@@ -119,11 +138,13 @@ def run_trial(
     hp = TrialParams(**hyper)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    train, held_out = load_examples(dataset or DatasetSpec())
+    check_service(trainer_url, api_key)
+    dataset = DatasetSpec.model_validate(dataset) if isinstance(dataset, dict) else dataset or DatasetSpec()
+    train, held_out = load_examples(dataset)
     rng = random.Random(hp.seed)
     spec = ScorerSpec(reward=reward, suite_cache=str(default_cache_dir()))  # suites distilled once per machine
     with ScoringPool(spec, workers=scoring_workers) as pool, MetricsLog(run_dir, started) as log:
-        policy = Policy(trainer_url, api_key, base_model, hp)
+        policy = open_policy(trainer_url, api_key, base_model, hp)
         evaluator = _Evaluator(policy, pool, held_out, log, run_dir, optuna_trial)
         try:
             evaluator.remember({"eval_examples_sha256": examples_digest(held_out)})

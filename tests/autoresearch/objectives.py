@@ -55,3 +55,8 @@ def reward_rises_held_out_falls(params: dict[str, Any], *, run_dir: Path, **_: A
               {"phase": "eval", "step": 1, "eval_execution_accuracy": 0.3 if hacked else 0.6}]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(p) + "\n" for p in points))
     return params["x"]
+
+
+def always_fails(params: dict[str, Any], **_: Any) -> float:
+    """Fail every trial, as a trial on a broken setup would."""
+    raise RuntimeError(f"broken on purpose (x={params['x']:.3f})")

@@ -44,9 +44,12 @@ def test_best_export_writes_rerunnable_params(finished: Path, tmp_path: Path, ca
     out = tmp_path / "best.json"
     assert main(["best", str(finished), "--export", str(out)]) == 0
     doc = json.loads(out.read_text())
-    assert set(doc) == {"study", "trial", "value", "objective", "params", "reward_config"}
-    assert doc["params"] == {"sleep": 0.0, "x": doc["value"]}  # fixed and searched parameters together
+    assert set(doc) == {"study", "trial", "state", "value", "objective", "study_file", "study_file_sha256",
+                        "study_file_changed", "training", "reward_config", "run_trial"}
+    assert set(doc["run_trial"]) == {"params", "dataset", "base_model"}  # run_trial's own keyword names
+    assert doc["run_trial"]["params"] == {"sleep": 0.0, "x": doc["value"]}  # fixed and searched parameters together
     assert doc["objective"] == "tests.autoresearch.objectives:raise_on_trial_one"
+    assert doc["state"] == "COMPLETE" and doc["study_file_changed"] is False
 
 
 def test_report_writes_markdown_and_plots(finished: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -203,11 +203,11 @@ def test_env_values_are_read_when_used(tmp_path: Path, monkeypatch: pytest.Monke
 def test_dry_run_prints_the_jobs_it_would_create(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv("AUTORESEARCH_STORAGE_URL", raising=False)  # storage unreachable: numbering starts at 0
-    path = write_study(tmp_path, kube=FULL)
+    path = write_study(tmp_path, kube=FULL, extra='[dataset]\nsource = "synthetic:retail"\nn_train = 20\nn_eval = 8\n')
     assert main(["run", str(path), "--dry-run", "--n-trials", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "storage env:AUTORESEARCH_STORAGE_URL" in out
-    documents = list(yaml.safe_load_all(out[out.index("---"):]))
+    captured = capsys.readouterr()
+    assert "storage env:AUTORESEARCH_STORAGE_URL" in captured.err  # the summary; stdout holds the manifests alone
+    documents = list(yaml.safe_load_all(captured.out))
     assert [d["kind"] for d in documents] == ["ConfigMap", "Job", "Job"]  # parallel 3, but only 2 trials asked
     assert [d["metadata"]["labels"].get("autoresearch.dev/trial-number") for d in documents[1:]] == ["0", "1"]
     for document in documents:
