@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -10,6 +11,8 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, TextIO
+
+import orjson
 
 from .backends import Limits
 from .example import Example
@@ -34,7 +37,7 @@ def _parse_line(line: str, number: int, shared: dict | None = None) -> Submissio
     if not line.strip():
         raise ValueError(f"line {number}: empty line")
     try:
-        row = json.loads(line)
+        row = _load_json(line)
     except json.JSONDecodeError as error:
         raise ValueError(f"line {number}: not valid JSON ({error.msg} at column {error.colno})") from None
     if not isinstance(row, dict):
@@ -55,6 +58,28 @@ def _parse_line(line: str, number: int, shared: dict | None = None) -> Submissio
     if example is None:
         example = seen[key] = Example(id=identifier, question=question, schema=schema, gold=gold)
     return Submission(example, row["prediction"], seen.setdefault(dialect, dialect))
+
+
+def _load_json(line: str) -> Any:
+    """The line's JSON value, as ``json.loads`` reads it, mostly by orjson, three times faster.
+
+    orjson reads what it accepts as json does, but for numbers: past 64 bits
+    an integer becomes a float (json keeps it whole). So a line is read again
+    by json when orjson refuses it (json accepts NaN, lone surrogates and huge
+    exponents, and words its own errors) and when it is not an object whose id
+    and question, the only values used as they are read, hold no float.
+    """
+    try:
+        row = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return json.loads(line)
+    if type(row) is dict and type(row.get("id")) in _EXACT and type(row.get("question")) in _EXACT:
+        return row
+    return json.loads(line)
+
+
+_EXACT = frozenset({str, int, bool, type(None)})
+"""Types of value that orjson reads exactly as json does."""
 
 
 def _error_record(line: str, message: str) -> dict[str, Any]:
@@ -108,6 +133,7 @@ def score_file(source: TextIO, sink: TextIO, *, workers: int, backend: str, rewa
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
+    gc.freeze()  # the modules loaded live as long as the command: collections need not walk them again and again
     reward = RewardConfig.from_dict(json.loads(Path(args.reward).read_text())) if args.reward else RewardConfig()
     limits = Limits(timeout_s=args.timeout)
     suite = SuiteOptions(size=args.suite_size, candidates=args.suite_candidates)

@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from .cases import CORRECT, SCHEMA
 
 
@@ -83,6 +85,23 @@ def test_lines_of_one_example_share_their_strings_and_example():
     assert first.example is second.example and first.prediction != second.prediction
     assert other.example is not first.example and other.example.schema is first.example.schema
     assert _parse_line(row("x", CORRECT), 4).example == first.example  # the same without sharing
+
+
+def test_lines_are_read_as_json_reads_them_even_where_orjson_reads_numbers_otherwise():
+    from env.text2sql.cli import _load_json
+
+    lines = ['{"id": 123456789012345678901234567890, "question": -9223372036854775809}', '{"id": 1e400}', '{"id": NaN}',
+             '{"id": "\\ud800"}', '123456789012345678901234567890', '{"id": [18446744073709551616]}', '{"id": 7, "id": "x"}']
+    for line in lines:
+        assert repr(_load_json(line)) == repr(json.loads(line)), line
+    for line in ('{"id": 1', '{"id": 1}}', '[1,]', '\ufeff{}'):
+        assert _decode_error(_load_json, line) == _decode_error(json.loads, line), line
+
+
+def _decode_error(load, line):
+    with pytest.raises(json.JSONDecodeError) as caught:
+        load(line)
+    return caught.value.msg, caught.value.colno
 
 
 def test_weak_golds_are_reported_in_the_summary(tmp_path):

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from env.text2sql import Example, Limits, Scorer, Verdict
+from env.text2sql import Example, Limits, QueryFailed, Scorer, Verdict
 from env.text2sql.backends.sqlite import SQLiteBackend
 
 from .cases import CORRECT, MALICIOUS_SQLITE, SCHEMA, example
@@ -111,6 +111,30 @@ def test_open_databases_are_bounded_and_evicted_ones_come_back():
         for _ in range(2):
             assert [backend.run(case, "SELECT x FROM t") for case in cases] == [[(n,)] for n in range(5)]
         assert len(backend._connections) == 2
+
+
+def test_image_databases_past_their_bound_refill_a_connection_and_answer_from_the_new_image():
+    """A refilled connection answers from its new image's schema and data, and stays as locked as a new one."""
+    scripts = ["CREATE TABLE t (x INTEGER); INSERT INTO t VALUES (1);", "CREATE TABLE t (y INTEGER); INSERT INTO t VALUES (2);",
+               "CREATE TABLE t (x INTEGER, z INTEGER); INSERT INTO t VALUES (3, 4);"]
+    cases = [example(id=str(n), schema=script) for n, script in enumerate(scripts)]
+    with SQLiteBackend(max_images_open=1) as backend:
+        for case, script in zip(cases, scripts):
+            with sqlite3.connect(":memory:") as builder:
+                builder.executescript(script)
+                backend.offer_image(case, builder.serialize())
+            builder.close()
+        for _ in range(2):
+            assert backend.run(cases[0], "SELECT x FROM t") == [(1,)]
+            with pytest.raises(QueryFailed, match="no such column: x"):
+                backend.run(cases[1], "SELECT x FROM t")
+            assert backend.run(cases[1], "SELECT * FROM t") == [(2,)]
+            assert backend.run(cases[2], "SELECT x FROM t") == [(3,)]
+            for write in ("DELETE FROM t", "INSERT INTO t VALUES (5, 6)", "ATTACH ':memory:' AS other", "PRAGMA query_only = OFF"):
+                with pytest.raises(QueryFailed):
+                    backend.run(cases[2], write)
+            assert backend.run(cases[2], "SELECT * FROM t") == [(3, 4)]
+        assert len(backend._image_connections) == 1
 
 
 def test_a_database_file_is_opened_read_only_and_left_as_it_was(tmp_path):

@@ -1,10 +1,7 @@
 """Test suites: wrong queries that agree on one database are caught; equivalent ones still match."""
 
-import base64
-import json
 import random
 import sqlite3
-import zlib
 
 import pytest
 import sqlglot
@@ -217,21 +214,21 @@ def test_a_suite_cache_distils_once_and_survives_a_damaged_file(tmp_path, monkey
             assert cached.score(example(), wrong).verdict is Verdict.MISMATCH
             assert cached.score(example(), CORRECT).databases == SuiteOptions().size
     assert built == [CORRECT]
-    (stored,) = tmp_path.glob("*.json")
+    (stored,) = tmp_path.glob("*.suite")
     assert suite_cache.SuiteCache(tmp_path).suite(example(), SuiteOptions(), Limits()) == build_suite(example())
     assert built == [CORRECT]
-    good = stored.read_text()
-    record = json.loads(good)
-    record["databases"][0]["image"] = base64.b64encode(zlib.compress(b"not a database")).decode()
-    for damage in ("{not json", json.dumps(record)):
-        stored.write_text(damage)
+    good = stored.read_bytes()
+    not_an_image = good.replace(b"SQLite format 3", b"SQLite format 9", 1)
+    for damage in (b"{not json", good[:-1], good + b"\0", not_an_image):
+        stored.write_bytes(damage)
         with Scorer(suite_cache=tmp_path) as cached:
             assert cached.score(example(), wrong).verdict is Verdict.MISMATCH
             assert cached.score(example(), CORRECT).databases == SuiteOptions().size
-    assert built == [CORRECT] * 3
+        assert stored.read_bytes() == good
+    assert built == [CORRECT] * 5
     with Scorer(suite_cache=tmp_path, suite=SuiteOptions(size=2)) as smaller:
         assert smaller.score(example(), CORRECT).databases == 2
-    assert len(list(tmp_path.glob("*.json"))) == 2
+    assert len(list(tmp_path.glob("*.suite"))) == 2
 
 
 def _contents(backend, database):

@@ -12,8 +12,10 @@ In memory, because a test suite adds three small databases per gold: a build
 there costs about a third of writing a file, renaming it into place and
 opening it again, and a suite's databases are opened from the images they
 were distilled on (:attr:`Suite.images`), faster still. Open databases are
-kept in a bounded LRU, so scoring a dataset of thousands of golds holds a
-bounded number of them.
+kept in bounded LRUs, so scoring a dataset of thousands of golds holds a
+bounded number of them. Image databases have their own, smaller LRU whose
+evicted connection takes in the next image: opening and closing a
+connection would cost more than the image's own load.
 """
 
 from __future__ import annotations
@@ -78,51 +80,71 @@ def run_sandboxed(connection: sqlite3.Connection, budget: StepBudget, sql: str, 
     return rows
 
 
+_Entry = tuple[sqlite3.Connection, StepBudget]
+
+
 class SQLiteBackend(Backend):
     """Runs queries on SQLite databases that nothing can change: schema scripts in memory, files read-only.
 
-    ``max_open`` bounds the databases kept open; the least recently used is
-    closed past it (and built or opened again if it is needed again).
+    ``max_open`` bounds the databases built from scripts or opened from files
+    that are kept open, ``max_images_open`` those opened from offered images;
+    past either bound the least recently used is closed, or for an image
+    refilled with the next one (and built or opened again if it is needed again).
     """
 
     dialect = "sqlite"
 
-    def __init__(self, limits: Limits | None = None, max_open: int = 2048) -> None:
+    def __init__(self, limits: Limits | None = None, max_open: int = 2048, max_images_open: int = 256) -> None:
         super().__init__(limits)
-        if max_open < 1:
-            raise ValueError("max_open must be at least 1")
+        if max_open < 1 or max_images_open < 1:
+            raise ValueError("max_open and max_images_open must be at least 1")
         self.max_open = max_open
-        self._connections: OrderedDict[str, tuple[sqlite3.Connection, StepBudget]] = OrderedDict()
+        self.max_images_open = max_images_open
+        self._connections: OrderedDict[str, _Entry] = OrderedDict()
+        self._image_connections: OrderedDict[str, _Entry] = OrderedDict()
         self._images: dict[str, bytes] = {}
 
     def run(self, example: Example, sql: str) -> list[Row]:
         connection, budget = self._connection(example)
         return run_sandboxed(connection, budget, sql, self.limits.max_rows)
 
-    def _connection(self, example: Example) -> tuple[sqlite3.Connection, StepBudget]:
+    def _connection(self, example: Example) -> _Entry:
         key = schema_key(example)
-        entry = self._connections.get(key)
-        if entry is not None:
-            self._connections.move_to_end(key)
+        for table in (self._connections, self._image_connections):
+            entry = table.get(key)
+            if entry is not None:
+                table.move_to_end(key)
+                return entry
+        image = None if example.database else self._images.get(key)
+        if image is not None:
+            entry = self._image_connections[key] = self._from_image(image)
             return entry
-        if example.database:
-            connection = self._open(Path(example.database))
-        elif key in self._images:
-            connection = self._deserialize(self._images[key])
-        else:
-            connection = self._build(example)
+        connection = self._open(Path(example.database)) if example.database else self._build(example)
         entry = self._connections[key] = (connection, sandbox(connection, self.limits))
         if len(self._connections) > self.max_open:
             self._connections.popitem(last=False)[1][0].close()
+        return entry
+
+    def _from_image(self, image: bytes) -> _Entry:
+        """A sandboxed connection holding ``image``: a new one, or past the bound the least recently used refilled."""
+        if len(self._image_connections) < self.max_images_open:
+            connection = _in_memory(lambda fresh: fresh.deserialize(image), "database image cannot be opened")
+            return connection, sandbox(connection, self.limits)
+        entry = self._image_connections.popitem(last=False)[1]
+        connection = entry[0]
+        connection.set_authorizer(None)  # deserializing attaches, which the allow-list refuses; no query runs meanwhile
+        try:
+            connection.deserialize(image)
+            connection.set_authorizer(_authorize)
+        except sqlite3.Error as error:
+            connection.close()  # out of the LRU already: nothing reaches it again
+            raise QueryFailed(Verdict.GOLD_ERROR, f"database image cannot be opened: {error}") from None
         return entry
 
     def offer_image(self, example: Example, image: bytes) -> None:
         """Open this image, not the script, for the example's database (a test suite's, already distilled on)."""
         if not example.database:
             self._images[schema_key(example)] = image
-
-    def _deserialize(self, image: bytes) -> sqlite3.Connection:
-        return _in_memory(lambda connection: connection.deserialize(image), "database image cannot be opened")
 
     def _build(self, example: Example) -> sqlite3.Connection:
         """The schema script's database, in memory, then made query-only."""
@@ -140,15 +162,22 @@ class SQLiteBackend(Backend):
         return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
 
     def close(self) -> None:
-        for connection, _ in self._connections.values():
-            connection.close()
-        self._connections.clear()
+        for table in (self._connections, self._image_connections):
+            for connection, _ in table.values():
+                connection.close()
+            table.clear()
         self._images.clear()
 
 
 def _in_memory(fill: Callable[[sqlite3.Connection], object], failure: str) -> sqlite3.Connection:
-    """A new in-memory database, filled by ``fill`` and then made query-only; a gold error if it cannot be."""
-    connection = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+    """A new in-memory database, filled by ``fill`` and then made query-only; a gold error if it cannot be.
+
+    It caches no statements: SQLite need not recompile one for the image a
+    refill swapped in (the schema cookies match), so it could read the old
+    image's columns. Resetting the authorizer for the refill expires them
+    today; nothing should hang on that, and the scorer runs each query once.
+    """
+    connection = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False, cached_statements=0)
     try:
         connection.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)  # what fills it reaches no file either
         fill(connection)
