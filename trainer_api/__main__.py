@@ -65,6 +65,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .bodies import default_max_body_bytes
     from .checkpoints import CheckpointStore, StorageQuota
     from .engine import Engine, EngineLimits
+    from .ownership import RunCaps
     from .service import Service
     from .tenants import KeyConfigError, check_exposure, load_keyring
 
@@ -91,6 +92,9 @@ def _serve(args: argparse.Namespace) -> int:
     if args.quota_checkpoints < 0 or not 0 <= args.quota_gib < float("inf"):
         print("error: --quota-checkpoints and --quota-gib must be 0 (no limit) or more", file=sys.stderr)
         return 2
+    if args.max_runs_per_key < 0 or args.max_loaded_runs < 0:
+        print("error: --max-runs-per-key and --max-loaded-runs must be 0 (no limit) or more", file=sys.stderr)
+        return 2
     quota = StorageQuota(max_checkpoints=args.quota_checkpoints or None, max_bytes=int(args.quota_gib * 2**30) or None)
     started = time.time()
     engine = Engine(
@@ -101,7 +105,8 @@ def _serve(args: argparse.Namespace) -> int:
         "engine ready", extra={"base_model": args.base_model, "device": str(engine.device), "seconds": round(time.time() - started, 2),
                                "tenants": [t.name for t in keyring.tenants] or "none: open, no API key"}
     )
-    app = create_app(Service(engine), keyring, session_timeout=args.session_timeout or None, docs=args.docs)
+    app = create_app(Service(engine), keyring, session_timeout=args.session_timeout or None, docs=args.docs,
+                     run_caps=RunCaps(args.max_runs_per_key or None, args.max_loaded_runs or None))
     app.state.max_body_bytes = args.max_body_bytes
     uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False)
     engine.close()
@@ -157,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
                             "larger is a 413 (default: 16 MiB, or 256 bytes per token of --max-batch-tokens if more)")
     serve.add_argument("--session-timeout", type=float, default=300.0,
                        help="seconds without a heartbeat before a session's adapters are unloaded (0: never)")
+    serve.add_argument("--max-runs-per-key", type=int, default=32, metavar="N",
+                       help="training runs each API key may have loaded at once; more is a 429 (default 32; 0: no limit)")
+    serve.add_argument("--max-loaded-runs", type=int, default=64, metavar="N",
+                       help="training runs loaded at once, all keys together; more is a 429 (default 64; 0: no limit)")
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument("--exit-with-parent", action="store_true",
                        help="shut down when the process that started the service exits, however it exits")

@@ -7,6 +7,8 @@ failed later), so a caller sees the same answer either way.
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -16,6 +18,8 @@ from . import wire
 from .checkpoints import CheckpointError, CheckpointNotFound
 from .exceptions import ServiceError
 from .losses import LossConfigError
+
+log = logging.getLogger("trainer_api.app")
 
 
 def error_response(status: int, message: str, category: str = "user") -> JSONResponse:
@@ -31,7 +35,7 @@ def classify(exc: BaseException) -> tuple[int, str, str]:
         return 404, "user", str(exc)
     if isinstance(exc, (CheckpointError, LossConfigError, wire.WireError)):
         return 400, "user", str(exc)
-    return 500, "server", f"internal error: {type(exc).__name__}: {exc}"
+    return 500, "server", f"internal error: {type(exc).__name__}: {exc}"[:500]
 
 
 def failure_payload(exc: BaseException) -> dict[str, str]:
@@ -72,9 +76,18 @@ async def _on_known_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(status, message, category)
 
 
+async def _on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    """A bug is still a JSON body the SDK can read; the traceback goes to the log (Starlette re-raises
+    the exception after this answer, and uvicorn logs it), never into the body."""
+    log.error("unexpected error", extra={"path": request.url.path, "error": type(exc).__name__})
+    return await _on_known_error(request, exc)
+
+
 def install_handlers(app: FastAPI) -> None:
-    """A wrong field is a 400 naming it; the service's own errors keep their status and category."""
+    """A wrong field is a 400 naming it; the service's own errors keep their status and category; anything
+    else is a JSON 500."""
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(HTTPException, _on_http_error)
     for known in (ServiceError, CheckpointError, LossConfigError, wire.WireError):
         app.add_exception_handler(known, _on_known_error)
+    app.add_exception_handler(Exception, _on_unexpected_error)

@@ -34,6 +34,15 @@ LOSS_CONFIG_DEFAULTS: dict[str, dict[str, float]] = {
 }
 """The loss_fn_config keys each loss accepts, with their defaults (ratio bounds, not epsilons)."""
 
+UNSUPPORTED_LOSSES: dict[str, str] = {
+    "stable_reinforce": (
+        "it trains on stability information the sampler records per sequence (record_stability_info), whose "
+        "definition Tinker does not publish, so this service cannot record it"
+    ),
+    "gspo": "this service does not implement it yet",
+}
+"""Losses the SDK names (``LossFnType``) that this service refuses, with the reason the caller is told."""
+
 
 class LossConfigError(ValueError):
     """A loss name, config key or input that the caller got wrong (a user error)."""
@@ -47,12 +56,28 @@ class LossResult:
     elementwise_loss: torch.Tensor
 
 
+def check_supported(loss_fn: str) -> None:
+    """Refuse a loss this service does not compute, saying why and which losses it does."""
+    if loss_fn not in LOSS_CONFIG_DEFAULTS:
+        reason = f": {UNSUPPORTED_LOSSES[loss_fn]}" if loss_fn in UNSUPPORTED_LOSSES else ""
+        raise LossConfigError(f"unsupported loss_fn {loss_fn!r}{reason}; supported: {', '.join(sorted(LOSS_CONFIG_DEFAULTS))}")
+
+
+def sampled_positions(inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Where a datum holds a sampled token: its sampler logprob or its advantage is not 0.
+
+    RL data as the SDK sends it has no mask (tinker-cookbook strips its ``mask`` before
+    sending): the prompt's positions carry sampler logprob 0 and advantage 0, which no
+    sampled token with an advantage has. A sampled token whose probability was exactly 1
+    and whose advantage is 0 counts as a prompt position; it carries no policy gradient,
+    and the only penalty it escapes would pull it towards the probability 1 it already had.
+    """
+    return (inputs["logprobs"] != 0) | (inputs["advantages"] != 0)
+
+
 def resolve_config(loss_fn: str, config: Mapping[str, float | str] | None) -> dict[str, float]:
     """Merge ``config`` over the loss's defaults, rejecting unknown names, non-numbers, NaN and infinities."""
-    if loss_fn not in LOSS_CONFIG_DEFAULTS:
-        raise LossConfigError(
-            f"unsupported loss_fn {loss_fn!r}; supported: {sorted(LOSS_CONFIG_DEFAULTS)}"
-        )
+    check_supported(loss_fn)
     resolved = dict(LOSS_CONFIG_DEFAULTS[loss_fn])
     for key, value in (config or {}).items():
         if key not in resolved:
@@ -104,8 +129,14 @@ def cispo(logprobs: torch.Tensor, inputs: Mapping[str, torch.Tensor], cfg: Mappi
 
 
 def dro(logprobs: torch.Tensor, inputs: Mapping[str, torch.Tensor], cfg: Mapping[str, float]) -> torch.Tensor:
-    """Direct reward optimisation: policy gradient with a quadratic penalty on the log-ratio."""
-    log_ratio = logprobs - inputs["logprobs"]
+    """Direct reward optimisation: policy gradient with a quadratic penalty on the log-ratio.
+
+    The penalty applies at sampled positions only: at a prompt position the sampler logprob
+    is a 0 placeholder, and penalising the learner's log-probability there would pull every
+    prompt token towards probability 1 (a gradient norm of about 8,000 where the other losses
+    give 15 to 160, measured with tinker-cookbook on Gemma).
+    """
+    log_ratio = torch.where(sampled_positions(inputs), logprobs - inputs["logprobs"], 0.0)
     return -(logprobs * inputs["advantages"] - 0.5 * cfg["beta"] * log_ratio**2)
 
 
@@ -141,9 +172,8 @@ def loss_metrics(
     """Metrics for one request's tokens, keyed ``name:reduction`` as the SDK requires."""
     metrics = {"loss:sum": float(elementwise_loss.sum())}
     if loss_fn != "cross_entropy":
-        # Only tokens with an advantage carry loss; prompt positions (advantage 0, sampler
-        # logprob 0 by convention) would drag the ratio towards meaningless values.
-        active = inputs["advantages"] != 0
+        # Prompt positions (sampler logprob 0 by convention) would drag the ratio towards meaningless values.
+        active = sampled_positions(inputs)
         if bool(active.any()):
             ratio = torch.exp(logprobs.detach()[active] - inputs["logprobs"][active])
             metrics["importance_ratio:mean"] = float(ratio.mean())

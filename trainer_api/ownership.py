@@ -9,9 +9,13 @@ does (404, same message), so a caller cannot even learn what others are running.
 
 from __future__ import annotations
 
+import threading
 import uuid
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from .checkpoints import (
@@ -22,19 +26,73 @@ from .checkpoints import (
     valid_run_record,
 )
 from .engine import Tenant as LiveModel
-from .exceptions import NotFound, UserError
+from .exceptions import Busy, NotFound, UserError
 from .futures import FutureEntry
 from .service import SamplerState, Service, SessionState
 from .tenants import Tenant
+
+DEFAULT_MAX_RUNS_PER_KEY = 32
+"""Training runs one API key may have loaded at once (``--max-runs-per-key``): each holds an adapter,
+its gradients and optimizer state in device memory, so one key must not be able to fill it."""
+DEFAULT_MAX_LOADED_RUNS = 64
+"""Training runs the service holds at once, all keys together (``--max-loaded-runs``): a rank-32
+adapter of Gemma 3 1B on every attention and MLP projection is 26M float32 parameters, about 0.4 GB
+with their gradients and two Adam moments (computed from the model's shapes, not measured)."""
+
+
+class TooManyRuns(UserError):
+    """The key has its quota of loaded runs: 429 (the SDK retries it for about a minute, so a run that
+    a finishing session frees lets the creation through)."""
+
+    status_code = 429
+
+
+@dataclass
+class RunCaps:
+    """How many training runs may be loaded at once, per API key and in all (None: no limit).
+
+    Counting the loaded runs and reserving a place is one step under a lock, so concurrent creations
+    cannot pass a cap; the creation itself (for a load, a checkpoint read) runs outside it, so no
+    key waits on another's.
+    """
+
+    per_key: int | None = DEFAULT_MAX_RUNS_PER_KEY
+    total: int | None = DEFAULT_MAX_LOADED_RUNS
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _creating: Counter[str] = field(default_factory=Counter, repr=False)
+
+    @contextmanager
+    def place(self, tenant_id: str, loaded: Callable[[], list[str | None]]) -> Iterator[None]:
+        """A place for one more of ``tenant_id``'s runs while the block creates it; ``loaded`` gives the
+        owners of the runs loaded now."""
+        with self._lock:
+            owners = Counter(loaded()) + self._creating
+            if self.per_key is not None and owners[tenant_id] >= self.per_key:
+                raise TooManyRuns(
+                    f"this API key has {owners[tenant_id]} training runs loaded, the most it may have at once "
+                    f"(--max-runs-per-key {self.per_key}); unload one (unload_model) or close its ServiceClient"
+                )
+            if self.total is not None and owners.total() >= self.total:
+                raise Busy(
+                    f"the service holds {owners.total()} training runs, the most it holds at once "
+                    f"(--max-loaded-runs {self.total}); try again once some are unloaded"
+                )
+            self._creating[tenant_id] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._creating[tenant_id] -= 1
 
 
 class TenantView:
     """What one tenant may see and touch; built per request for the authenticated caller."""
 
-    def __init__(self, service: Service, tenant: Tenant) -> None:
+    def __init__(self, service: Service, tenant: Tenant, caps: RunCaps) -> None:
         self.service = service
         self.engine = service.engine
         self.tenant = tenant
+        self.caps = caps
 
     # ------------------------------------------------------------ sessions
     def create_session(self, user_metadata: dict[str, Any] | None, display_name: str | None) -> SessionState:
@@ -70,6 +128,10 @@ class TenantView:
         session.sampler_ids.append(sampler_id)
 
     # ------------------------------------------------------------ training runs
+    def new_run(self) -> AbstractContextManager[None]:
+        """Guard the creation of a run (inside the block) with the caps on loaded runs."""
+        return self.caps.place(self.tenant.id, lambda: [self.service.live_owner(t.model_id) for t in self.engine.tenants()])
+
     def claim_run(self, session: SessionState, model_id: str) -> None:
         """Record a run the caller just created in ``session`` as the caller's."""
         self.service.claim_run(model_id, self.tenant.id)

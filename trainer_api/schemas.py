@@ -11,12 +11,15 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 
+from .losses import check_supported
 from .optim import AdamStep
 
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 """Ids and counters: a JSON integer the engine, torch and numpy can hold (2**70 is a 400, not an overflow)."""
 MAX_TTL_SECONDS = 100 * 365 * 86400
 """100 years: a longer TTL would overflow the expiry timestamp and break every listing of the run."""
+Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
+"""Counts the SDK's wire format holds in 32 bits: 2**70 is a 400 naming the field, not an overflow further in."""
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 """A token id: non-negative and within int32, the SDK's wire type (the engine checks the vocabulary)."""
 
@@ -127,7 +130,8 @@ class SamplingParamsBody(_Body):
     seed: int | None = None
     stop: str | list[TokenId] | list[str] | None = None
     temperature: float = Field(default=1.0, ge=0.0)
-    top_k: int = -1
+    top_k: int = Field(default=-1, ge=-1, le=2**31 - 1)
+    """-1 (or 0) for no limit."""
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
 
 
@@ -144,7 +148,7 @@ class ModelInputBody(_Body):
 
 
 class SampleBody(_Body):
-    num_samples: int = 1
+    num_samples: Int32 = 1
     prompt: ModelInputBody
     sampling_params: SamplingParamsBody
     base_model: str | None = None
@@ -152,16 +156,26 @@ class SampleBody(_Body):
     sampling_session_id: str | None = None
     seq_id: Int64 | None = None
     prompt_logprobs: bool | None = None
-    topk_prompt_logprobs: int = 0
-    topk_sample_logprobs: int = 0
-    prompt_alt_tokens_k: int = 0
-    prompt_logprobs_last_n: int | None = None
+    topk_prompt_logprobs: Int32 = 0
+    topk_sample_logprobs: Int32 = 0
+    prompt_alt_tokens_k: Int32 = 0
+    prompt_logprobs_last_n: int | None = Field(default=None, ge=1, le=2**31 - 1)
+    record_stability_info: bool | None = None
 
     @field_validator("topk_prompt_logprobs", "topk_sample_logprobs", "prompt_alt_tokens_k")
     @classmethod
     def _unsupported(cls, value: int) -> int:
         if value:
             raise ValueError("top-k logprobs and prompt_alt_tokens are not supported by this service")
+        return value
+
+    @field_validator("record_stability_info")
+    @classmethod
+    def _no_stability_info(cls, value: bool | None) -> bool | None:
+        """Only ``stable_reinforce`` uses it: refusing the first sample saves a caller a batch of rollouts
+        that its first training step would then refuse (the SDK sends the loss no earlier)."""
+        if value:
+            check_supported("stable_reinforce")
         return value
 
 

@@ -137,6 +137,25 @@ def test_failures_inside_a_request_are_user_category(service_client, tiny_model_
         tc.save_state("../escape").result()
 
 
+def test_an_unexpected_error_is_a_json_500_the_sdk_reads_without_a_traceback():
+    """A service whose engine lacks its checkpoint store: listing runs fails with an AttributeError (a bug)."""
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from trainer_api.app import create_app
+    from trainer_api.service import Service
+    from trainer_api.tenants import load_keyring
+
+    app = create_app(Service(SimpleNamespace(model_name="m")), load_keyring(None, {"TRAINER_API_KEY": "tml-bug"}))
+    with TestClient(app, raise_server_exceptions=False, headers={"X-API-Key": "tml-bug"}) as client:
+        response = client.get("/api/v1/training_runs")
+    assert response.status_code == 500 and response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert body["category"] == "server" and body["error"].startswith("internal error: AttributeError")
+    assert "Traceback" not in response.text and 'File "' not in response.text
+
+
 def test_the_service_keeps_serving_everyone_after_bad_requests(server, healthy):
     ids = list(range(2, 20))
     batch = [_datum(ids)]

@@ -395,6 +395,7 @@ def _sample_body(prompt: list[int], **params) -> dict:
     [({"max_tokens": 2, "temperature": v}, 400, "sampling_params.temperature") for v in NON_FINITE]
     + [({"max_tokens": 2, "top_p": v}, 400, "sampling_params.top_p") for v in NON_FINITE]
     + [({"max_tokens": 2, "seed": 2**70}, 400, "sampling_params.seed must be an integer in")]
+    + [({"max_tokens": 2, "top_k": k}, 400, "sampling_params.top_k") for k in (2**70, 2**31, -2)]
     + [({"max_tokens": 2, "stop": [f"s{i}" for i in range(1000)]}, 400, "1000 stop strings; at most 16")]
     + [({}, 413, "the prompt has 8192 tokens; the context, prompt included, is 2048")],
 )
@@ -406,6 +407,17 @@ def test_http_bad_sampling_requests_are_refused_quickly(http, server, tiny_model
     response = _post_raw_json(http, "/api/v1/asample", body)
     assert time.perf_counter() - started < 2.0
     _assert_user_error(response, status, fragment)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("prompt_logprobs_last_n", 2**70), ("prompt_logprobs_last_n", 0), ("num_samples", 2**70),
+     ("topk_prompt_logprobs", 2**70), ("prompt_logprobs", 2**70)],
+)
+def test_http_oversized_sample_request_fields_are_400_naming_them(http, tiny_model_dir, field, value):
+    body = {**_sample_body([2, 10, 11], max_tokens=2), "base_model": str(tiny_model_dir), "prompt_logprobs": True,
+            field: value}
+    _assert_user_error(_post_raw_json(http, "/api/v1/asample", body), 400, f"invalid request body: {field}")
 
 
 def test_sdk_sampling_with_a_huge_seed_and_a_one_token_prompt_works(service_client, tiny_model_dir):

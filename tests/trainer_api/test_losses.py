@@ -69,6 +69,33 @@ def test_dro_penalises_squared_log_ratio():
     assert lp.grad.item() == pytest.approx(0.5)
 
 
+def test_dro_leaves_prompt_positions_alone():
+    """As the SDK sends RL data: prompt positions carry sampler logprob 0 and advantage 0, no mask."""
+    cfg = losses.resolve_config("dro", None)
+    lp = torch.tensor([-9.0, -7.0, -1.0, -2.0], requires_grad=True)  # two prompt tokens, two sampled
+    inputs = _inputs([0.0, 0.0, -1.5, -2.0], [0.0, 0.0, 1.0, 0.0])
+    res = losses.compute_loss("dro", lp, inputs, cfg)
+    res.loss.backward()
+    assert lp.grad[:2].tolist() == [0.0, 0.0] and res.elementwise_loss[:2].tolist() == [0.0, 0.0]
+    # Sampled tokens keep both terms, a zero advantage too: -A + beta * log-ratio.
+    assert lp.grad[2:].tolist() == pytest.approx([-1.0 + 0.05 * 0.5, 0.0])
+    assert res.loss.item() == pytest.approx(1.0 + 0.5 * 0.05 * 0.25)
+
+
+def test_the_importance_ratio_covers_sampled_positions_only():
+    lp = torch.tensor([-9.0, -1.0, -3.0])
+    inputs = _inputs([0.0, -1.0, -2.0], [0.0, 0.0, 1.0])  # a prompt token, then two sampled (one with A = 0)
+    res = losses.compute_loss("importance_sampling", lp, inputs, {})
+    metrics = losses.loss_metrics("importance_sampling", res.elementwise_loss, lp, inputs)
+    assert metrics["importance_ratio:mean"] == pytest.approx((1.0 + math.exp(-1.0)) / 2)
+
+
+@pytest.mark.parametrize("loss_fn, reason", [("stable_reinforce", "record_stability_info"), ("gspo", "does not implement")])
+def test_losses_the_sdk_names_but_the_service_lacks_are_refused_with_the_reason(loss_fn, reason):
+    with pytest.raises(losses.LossConfigError, match=f"unsupported loss_fn '{loss_fn}': .*{reason}.*; supported: cispo, "):
+        losses.check_supported(loss_fn)
+
+
 def test_metrics_keys_carry_a_reduction():
     lp = torch.tensor([-1.0, -1.0])
     res = losses.compute_loss("ppo", lp, _inputs([-1.0, -1.0], [1.0, 1.0]), losses.resolve_config("ppo", None))

@@ -22,7 +22,7 @@ def get_service(request: Request) -> Service:
 
 def tenant_view(request: Request) -> TenantView:
     """The authenticated caller's view of the service."""
-    return TenantView(request.app.state.service, request.state.tenant)
+    return TenantView(request.app.state.service, request.state.tenant, request.app.state.run_caps)
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]

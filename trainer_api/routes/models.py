@@ -29,12 +29,13 @@ def create_model(body: CreateModelBody, view: Owned) -> dict[str, Any]:
         raise UserError(f"optimizer {body.optimizer_config.type!r} is not supported; only 'adamw'")
     lora = body.lora_config or LoraBody(rank=32)
     model_id = run_id(body.session_id, body.model_seq_id)
-    future = view.engine.create_model(
-        model_id, body.session_id,
-        LoraSpec(lora.rank, lora.seed, lora.train_mlp, lora.train_attn, lora.train_unembed),
-        body.user_metadata or {},
-    )
-    view.claim_run(session, model_id)
+    with view.new_run():
+        future = view.engine.create_model(
+            model_id, body.session_id,
+            LoraSpec(lora.rank, lora.seed, lora.train_mlp, lora.train_attn, lora.train_unembed),
+            body.user_metadata or {},
+        )
+        view.claim_run(session, model_id)
     return view.submit(future, lambda mid: {"type": "create_model", "model_id": mid}, "create_model", model_id=model_id)
 
 

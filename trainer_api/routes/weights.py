@@ -70,8 +70,11 @@ def load_weights(body: LoadWeightsBody, view: Owned) -> dict[str, Any]:
         session = view.live_session(body.session_id)
         view.engine.check_base_model(body.base_model)
         model_id = run_id(body.session_id, body.model_seq_id)
-        future = view.engine.load_state(model_id, body.path, body.optimizer, create=(body.session_id, body.user_metadata or {}))
-        view.claim_run(session, model_id)
+        with view.new_run():
+            future = view.engine.load_state(
+                model_id, body.path, body.optimizer, create=(body.session_id, body.user_metadata or {})
+            )
+            view.claim_run(session, model_id)
     elif body.model_id is not None:
         model_id = body.model_id
         view.model(model_id)
