@@ -11,7 +11,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable
 
 from .spec import ENV_PREFIX, SpecError, StudySpec, load_spec
 from .study import Tally
@@ -22,22 +21,6 @@ EXIT_USAGE = 2
 
 class CommandError(Exception):
     """An expected failure to report in one line."""
-
-
-def _progress_printer(name: str) -> Callable[[Tally, int], None]:
-    """A live progress line: rewritten in place on a terminal, one line per change otherwise."""
-    last = [""]
-    tty = sys.stderr.isatty()
-
-    def show(state: Tally, budget: int) -> None:
-        best = "-" if state.best is None else f"{state.best:.4f}"
-        line = (f"[{name}] running {state.running}  done {state.settled}/{budget}  complete {state.complete}  "
-                f"pruned {state.pruned}  failed {state.failed}  best {best}")
-        if line != last[0]:
-            print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
-            last[0] = line
-
-    return show
 
 
 def _open(spec: StudySpec):  # noqa: ANN202 - optuna.Study
@@ -56,6 +39,7 @@ def _run(args: argparse.Namespace) -> int:
     spec = load_spec(args.study)
     if args.dry_run:
         return _dry_run(spec, args.n_trials or spec.budget.n_trials)
+    from .console import RunConsole
     from .controller import ControllerBusy, run_study
     from .preflight import check_study
     from .trainer_service import TrainerStartError
@@ -64,15 +48,14 @@ def _run(args: argparse.Namespace) -> int:
     check_study(spec)  # a typo in ``objective`` or ``[dataset]`` is a one-line error here, not a failure in every worker
     budget = args.n_trials or spec.budget.n_trials
     try:
-        state = run_study(spec, n_trials=args.n_trials, progress=_progress_printer(spec.name),
-                          retry_failed=args.retry_failed, notify=_warn)
+        with RunConsole(spec.name) as observer:
+            state = run_study(spec, n_trials=args.n_trials, observer=observer, retry_failed=args.retry_failed)
     except (ControllerBusy, TrainerStartError, TrainingServiceError) as error:
         raise CommandError(str(error)) from None
     except KeyboardInterrupt:
-        print(f"\ninterrupted: running trials were stopped and will be retried by `autoresearch run {args.study}`",
+        print(f"interrupted: running trials were stopped and will be retried by `autoresearch run {args.study}`",
               file=sys.stderr)
         return 130
-    print(file=sys.stderr)
     best = "none" if state.best is None else f"{state.best:.4f}"
     print(f"study {spec.name}: {state.settled} trials settled ({state.complete} complete, {state.pruned} pruned, "
           f"{state.failed_final} failed), best {best}")

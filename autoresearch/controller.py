@@ -14,21 +14,44 @@ import fcntl
 import os
 import signal
 import time
-from typing import Callable, Iterator
+from typing import Any, Iterator
 
 import optuna
 from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial
 
 from .launchers import EXIT_CONFIG_ERROR, EXIT_TIMEOUT, TrialWorker, make_launcher
 from .params import distributions
 from .proposers import make_scheduler
 from .reaping import adopt_running, fail_trial, reap_stale
+from .review import record_study_context, write_trial_note
 from .spec import StudySpec
 from .study import Tally, make_storage, open_study, record_study_file, retry_failed_trials, tally
 from .trainer_service import TrainerService, check_reachable, start_trainer
+from .worker import PROGRESS_ATTR
 
-Progress = Callable[[Tally, int], None]
-Notify = Callable[[str], None]
+PROGRESS_S = 1.0
+"""How often the controller reads its running trials' progress (the workers copy it about this often)."""
+
+
+class RunObserver:
+    """What the controller tells while it runs a study; this one hears it and says nothing (a study run from
+    code), ``autoresearch run`` prints it (console.py)."""
+
+    def tally(self, state: Tally, budget: int) -> None:
+        """Where the study stands, after each look at the storage."""
+
+    def started(self, trial: FrozenTrial) -> None:
+        """A trial was asked and its worker is being launched; ``trial`` has its params and proposer attrs."""
+
+    def progress(self, number: int, progress: dict[str, Any]) -> None:
+        """A running trial's latest step, as its worker recorded it (``worker.step_progress``)."""
+
+    def ended(self, trial: FrozenTrial) -> None:
+        """A trial's worker is gone and the trial settled: COMPLETE, PRUNED or FAIL with ``failure_reason``."""
+
+    def notify(self, message: str) -> None:
+        """A one-line warning: the study file changed, nothing is left to run."""
 
 
 @contextlib.contextmanager
@@ -79,38 +102,39 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def run_study(spec: StudySpec, *, n_trials: int | None = None, progress: Progress | None = None, poll_s: float = 0.5,
-              retry_failed: bool = False, notify: Notify | None = None) -> Tally:
+def run_study(spec: StudySpec, *, n_trials: int | None = None, observer: RunObserver | None = None, poll_s: float = 0.5,
+              retry_failed: bool = False) -> Tally:
     """Run trials until ``n_trials`` (default: the spec's budget) are settled; return the final tally.
 
     SIGTERM is handled like Ctrl-C: workers are stopped and their trials fail
     with reason ``interrupted`` and are queued again for the next run.
     ``retry_failed`` first queues every failed trial (one no retry follows) again
     with its parameters, so that it no longer counts towards the budget.
-    ``notify`` gets one-line warnings: the study file changed since earlier
-    trials ran, nothing is left to run. When nothing is left to run (no trial
-    waiting or running, the budget spent), no training service is started.
+    ``observer`` hears of every trial that starts, progresses and ends, and
+    gets one-line warnings: the study file changed since earlier trials ran,
+    nothing is left to run. When nothing is left to run (no trial waiting or
+    running, the budget spent), no training service is started.
     """
     with _sole_controller(spec):
-        return _run(spec, n_trials or spec.budget.n_trials, progress, poll_s, retry_failed, notify or (lambda _: None))
+        return _run(spec, n_trials or spec.budget.n_trials, observer or RunObserver(), poll_s, retry_failed)
 
 
-def _run(spec: StudySpec, budget: int, progress: Progress | None, poll_s: float, retry_failed: bool, notify: Notify) -> Tally:
+def _run(spec: StudySpec, budget: int, observer: RunObserver, poll_s: float, retry_failed: bool) -> Tally:
     storage = make_storage(spec)
     study = open_study(spec, storage, create=True)
+    space = distributions(spec)
+    record_study_context(study, spec, space)
     changed = record_study_file(study, spec)
     if changed:
-        notify(changed)
+        observer.notify(changed)
     if retry_failed:
         retried = retry_failed_trials(study)
-        notify(f"queued {len(retried)} failed trial(s) again: {', '.join(f'#{n}' for n in retried)}" if retried
-               else "--retry-failed: no failed trial to queue again")
-    space = distributions(spec)
+        observer.notify(f"queued {len(retried)} failed trial(s) again: {', '.join(f'#{n}' for n in retried)}"
+                        if retried else "--retry-failed: no failed trial to queue again")
     state = tally(study)
     if state.waiting == 0 and state.running == 0 and state.settled >= budget:
-        if progress:
-            progress(state, budget)
-        notify(f"nothing left to run: {state.settled} of {budget} trials settled")
+        observer.tally(state, budget)
+        observer.notify(f"nothing left to run: {state.settled} of {budget} trials settled")
         return state
     scheduler = make_scheduler(spec, study, space)
     study_id = storage.get_study_id_from_name(spec.name)
@@ -121,9 +145,12 @@ def _run(spec: StudySpec, budget: int, progress: Progress | None, poll_s: float,
         workers.update(launcher.adopt(study))
         adopt_running(study, study_id, storage)
         with _trainer(spec) as trainer_url:
-            state, last_look, last_reap = None, 0.0, 0.0
+            state, last_look, last_reap, last_progress = None, 0.0, 0.0, 0.0
             while True:
-                exited = _reap_finished(study, storage, spec, workers)
+                exited = _reap_finished(study, storage, spec, workers, observer)
+                if time.monotonic() - last_progress > PROGRESS_S:
+                    _show_progress(storage, workers, observer)
+                    last_progress = time.monotonic()
                 # Reading the trials back is the controller's main cost: do it when one of our workers ended, after
                 # a launch, or once per heartbeat interval; reap trials of other controllers only once per interval.
                 if state is None or exited or time.monotonic() - last_look > spec.heartbeat.interval_s:
@@ -131,8 +158,7 @@ def _run(spec: StudySpec, budget: int, progress: Progress | None, poll_s: float,
                         reap_stale(study, study_id, storage, spec, owned=set(workers))
                         last_reap = time.monotonic()
                     state, last_look = tally(study), time.monotonic()
-                    if progress:
-                        progress(state, budget)
+                    observer.tally(state, budget)
                     free = min(spec.budget.parallel - state.running, budget - state.settled - state.running)
                     # Wait for our workers to be gone too: a Job can complete a moment after its trial told.
                     if free <= 0 and state.running == 0 and not workers:
@@ -142,6 +168,7 @@ def _run(spec: StudySpec, budget: int, progress: Progress | None, poll_s: float,
                         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
                         # A first heartbeat now: should this controller die before the worker beats, the trial still goes stale.
                         storage.record_heartbeat(trial_id)
+                        observer.started(write_trial_note(study, storage, trial_id))
                         workers[trial_id] = launcher.launch(number, trial_id, trainer_url)
                         state = None
                 launcher.wait_any(workers.values(), poll_s)
@@ -155,10 +182,19 @@ def _run(spec: StudySpec, budget: int, progress: Progress | None, poll_s: float,
         launcher.close()
 
 
-def _reap_finished(study: optuna.Study, storage: RDBStorage, spec: StudySpec, workers: dict[int, TrialWorker]) -> bool:
+def _show_progress(storage: RDBStorage, workers: dict[int, TrialWorker], observer: RunObserver) -> None:
+    """Hand the observer each running trial's latest step, which its worker copies into the storage."""
+    for trial_id, worker in workers.items():
+        progress = storage.get_trial(trial_id).user_attrs.get(PROGRESS_ATTR)
+        if progress:
+            observer.progress(worker.number, progress)
+
+
+def _reap_finished(study: optuna.Study, storage: RDBStorage, spec: StudySpec, workers: dict[int, TrialWorker],
+                   observer: RunObserver) -> bool:
     """Forget workers that exited, failing their trial if they did not tell; kill those past the timeout.
 
-    Returns whether any worker went away.
+    Returns whether any worker went away; the observer hears how each one's trial ended.
     """
     before = len(workers)
     for trial_id, worker in list(workers.items()):
@@ -177,4 +213,5 @@ def _reap_finished(study: optuna.Study, storage: RDBStorage, spec: StudySpec, wo
         else:
             continue
         del workers[trial_id]
+        observer.ended(storage.get_trial(trial_id))
     return len(workers) < before

@@ -18,9 +18,12 @@ from pathlib import Path
 
 from optuna.trial import FrozenTrial
 
+METRICS_FILE = "metrics.jsonl"
+"""The trial folder's points, one JSON object a line, as ``run_trial`` writes them (trial/outputs.py)."""
+
 
 def _points(run_dir: str | Path | None) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl" if run_dir else None
+    path = Path(run_dir) / METRICS_FILE if run_dir else None
     if path is None or not path.is_file():
         return []
     points = []

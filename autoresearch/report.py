@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -11,51 +12,90 @@ from optuna.trial import FrozenTrial, TrialState
 from .plots import pyplot
 from .hacking import reward_hacking
 from .proposers.scheduler import HYPOTHESES_ATTR
+from .params import distributions
+from .review import METRIC_NAME, short
 from .spec import StudySpec
 from .stats import decode_matches, mcnemar
 from .summary import EVALUATIONS, best_trial, estimate, status_document
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
-def _history(study: optuna.Study, path: Path) -> None:
-    plt = pyplot()
+
+MIN_TRIALS_FOR_IMPORTANCES = 10
+"""Below this many complete trials, importances rank noise: Optuna computes them from two, so the report says so."""
+
+
+def _save(ax: "Axes", path: Path, *, integer_x: bool) -> None:
+    """Write one of Optuna's matplotlib plots to ``path``; trial numbers and RL steps get whole-number ticks."""
+    from matplotlib.ticker import MaxNLocator
+
+    if integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig = ax.figure
+    fig.set_size_inches(8, 3.5)  # room for Optuna's legend, which it draws right of the axes
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+
+
+def _curves(study: optuna.Study, top: int) -> "Axes":
+    """Optuna's plot of intermediate values for the ``top`` best complete trials, labelled with their numbers.
+
+    Optuna plots a whole study, so the best trials are copied into an in-memory one, where they are numbered
+    afresh from 0 in order of accuracy; the legend gets their numbers in the study back.
+    """
+    from optuna.visualization.matplotlib import plot_intermediate_values
+
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
-    best, running = [], float("-inf")
-    for t in complete:
-        running = max(running, t.value)
-        best.append(running)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.scatter([t.number for t in complete], [t.value for t in complete], s=14, label="trial")
-    ax.step([t.number for t in complete], best, where="post", color="C1", label="best so far")
-    ax.set(xlabel="trial", ylabel="held-out execution accuracy", title="Optimisation history")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    best = sorted(complete, key=lambda t: t.value, reverse=True)[:top]
+    copy = optuna.create_study(direction=study.direction)
+    copy.add_trials(best)
+    ax = plot_intermediate_values(copy)
+    numbers = {f"Trial{i}": f"#{t.number}" for i, t in enumerate(best)}
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles, [numbers.get(label, label) for label in labels], bbox_to_anchor=(1.05, 1.0), loc="upper left")
+    ax.set(xlabel="RL step", ylabel=METRIC_NAME, title=f"Learning curves of the best {len(best)} trials")
+    return ax
 
 
-def _importances(importances: dict[str, float], path: Path) -> None:
-    plt = pyplot()
-    names = list(importances)[::-1]
-    fig, ax = plt.subplots(figsize=(6, 0.4 * len(names) + 1.2))
-    ax.barh(names, [importances[n] for n in names])
-    ax.set(xlabel="importance", title="Parameter importances")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def _plots(study: optuna.Study, out_dir: Path, top: int) -> list[str]:
+    """The optimisation history, the best trials' learning curves and the parameter importances (Optuna's plots),
+    and their Markdown; importances carry a caveat below ``MIN_TRIALS_FOR_IMPORTANCES`` complete trials."""
+    pyplot()  # the Agg backend, before Optuna imports matplotlib
+    from optuna.visualization import matplotlib as plots
+
+    history = plots.plot_optimization_history(study, target_name=METRIC_NAME)
+    _save(history, out_dir / "history.png", integer_x=True)
+    _save(_curves(study, top), out_dir / "learning_curves.png", integer_x=True)
+    lines = ["## Optimisation history", "", "![history](history.png)", "",
+             "## Learning curves", "", "![learning curves](learning_curves.png)", "", "## Parameter importances", ""]
+    try:
+        with warnings.catch_warnings():  # few trials: Optuna warns, and the caveat below says so
+            warnings.filterwarnings("ignore", message="Target and region quantiles select the same set of trials")
+            importances = plots.plot_param_importances(study, target_name=METRIC_NAME)
+    except (RuntimeError, ValueError) as error:
+        return lines + [f"Not available yet: {error}", ""]
+    _save(importances, out_dir / "importances.png", integer_x=False)
+    complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    if complete < MIN_TRIALS_FOR_IMPORTANCES:
+        lines += [f"Caveat: drawn from {complete} complete trial(s); below {MIN_TRIALS_FOR_IMPORTANCES} these "
+                  "importances are mostly noise, not a ranking of the parameters.", ""]
+    return lines + ["![importances](importances.png)", ""]
 
 
-def _curves(study: optuna.Study, path: Path, top: int) -> None:
-    plt = pyplot()
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for t in sorted(complete, key=lambda t: t.value, reverse=True)[:top]:
-        steps = sorted(t.intermediate_values)
-        ax.plot(steps, [t.intermediate_values[s] for s in steps], marker="o", label=f"#{t.number}")
-    ax.set(xlabel="RL step", ylabel="held-out execution accuracy", title=f"Learning curves of the best {top} trials")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def _all_trials(spec: StudySpec, study: optuna.Study) -> list[str]:
+    """Every trial in one table: state, proposer, final held-out accuracy with its 95% Wilson interval, and
+    its searched parameters rounded to 4 significant digits."""
+    names = list(distributions(spec))
+    lines = ["## All trials", "", "| trial | state | proposer | accuracy [95% CI] | " + " | ".join(f"`{n}`" for n in names)
+             + " |", "| --- | --- | --- | --- |" + " --- |" * len(names)]
+    for t in study.get_trials(deepcopy=False):
+        value = estimate(t.value, t.user_attrs.get("eval_execution_accuracy_ci"))
+        cells = [short(t.params[n]) if n in t.params else "-" for n in names]
+        lines.append(f"| #{t.number} | {t.state.name} | {t.user_attrs.get('proposer', 'sampler')} | {value} | "
+                     + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def write_report(spec: StudySpec, study: optuna.Study, out_dir: Path, top: int = 5) -> Path:
@@ -73,25 +113,15 @@ def write_report(spec: StudySpec, study: optuna.Study, out_dir: Path, top: int =
     ]
     best = best_trial(study)
     if best is None:
-        lines.append("No trial has completed yet.")
+        lines += ["No trial has completed yet.", ""]
     else:
-        _history(study, out_dir / "history.png")
-        _curves(study, out_dir / "learning_curves.png", top)
         lines += [f"## Best trial: #{best.number}, accuracy {best.value:.4f}", ""]
         lines += ["| parameter | value |", "| --- | --- |"]
-        lines += [f"| `{k}` | {v} |" for k, v in {**spec.fixed, **best.params}.items()]
-        lines += _held_out(study, best)
-        lines += ["", "## Optimisation history", "", "![history](history.png)", ""]
-        lines += ["## Learning curves", "", "![learning curves](learning_curves.png)", ""]
-        try:
-            with warnings.catch_warnings():  # few trials: Optuna warns, and the importances say so themselves
-                warnings.filterwarnings("ignore", message="Target and region quantiles select the same set of trials")
-                importances = optuna.importance.get_param_importances(study)
-        except (RuntimeError, ValueError) as error:
-            lines += ["## Parameter importances", "", f"Not available yet: {error}", ""]
-        else:
-            _importances(importances, out_dir / "importances.png")
-            lines += ["## Parameter importances", "", "![importances](importances.png)", ""]
+        lines += [f"| `{k}` | {short(v)} |" for k, v in {**spec.fixed, **best.params}.items()]
+        lines += _held_out(study, best) + [""]
+    lines += _all_trials(spec, study)
+    if best is not None:
+        lines += _plots(study, out_dir, top)
     trials = study.get_trials(deepcopy=False)
     lines += _proposers(study, trials) + _hacking(trials)
     failed = [row for row in doc["trials"] if row["failure_reason"]]

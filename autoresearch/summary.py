@@ -13,6 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .proposers.scheduler import USAGE_ATTR, Usage
 from .preflight import study_file_sha256
+from .review import short
 from .spec import DEFAULT_OBJECTIVE, REWARD_PREFIX, StudySpec
 from .study import STUDY_FILE_ATTR, Tally, tally
 
@@ -177,13 +178,9 @@ def status_table(document: dict[str, Any]) -> str:
     for row in document["trials"]:
         value = "" if row["value"] is None else f"{row['value']:.4f}"
         wall = "" if row["wall_seconds"] is None else f"{row['wall_seconds']:.1f}"
-        detail = row["failure_reason"] or ", ".join(f"{k}={_short(v)}" for k, v in row["params"].items())
+        detail = row["failure_reason"] or ", ".join(f"{k}={short(v)}" for k, v in row["params"].items())
         if row["proposer"] != "sampler":
             detail = f"[{row['proposer']}] {detail}"
         ci = interval(row["eval_execution_accuracy_ci"])
         lines.append(f"{row['number']:>5}  {row['state']:<8}  {value:>8}  {ci:<16}  {row['retry_count']:>5}  {wall:>8}  {detail}")
     return "\n".join(lines)
-
-
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)

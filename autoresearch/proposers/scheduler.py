@@ -99,8 +99,7 @@ class ProposalScheduler:
                 "proposer": LLM, "proposer_model": f"{self._spec.proposer.type}:{self._proposer.model}",
                 "rationale": proposal.rationale, "proposal_adjustments": proposal.adjustments,
             })
-            trial = self._study.ask(self._space)
-            _note(trial, self._trial_note(proposal))
+            trial = self._study.ask(self._space)  # its note, from these attrs, is the controller's (review.py)
         if outcome.rejections:
             trial.set_user_attr("proposal_rejections", outcome.rejections)
         if outcome.call:
@@ -204,13 +203,6 @@ class ProposalScheduler:
         path = notes_path(self._spec)
         return path.read_text() if path else None
 
-    def _trial_note(self, proposal: Checked) -> str:
-        assert self._proposer is not None
-        lines = [f"## Proposed by the LLM ({self._spec.proposer.type} {self._proposer.model})", "", proposal.rationale]
-        if proposal.adjustments:
-            lines += ["", "Adjusted to fit the search space: " + "; ".join(proposal.adjustments)]
-        return "\n".join(lines) + "\n"
-
     def _save_usage(self) -> None:
         self._study.set_user_attr(USAGE_ATTR, self.usage.__dict__.copy())
 
@@ -230,12 +222,12 @@ def parse_reply(text: str) -> tuple[str | None, list[Any]]:
     return (hypotheses.strip()[:4000] or None) if isinstance(hypotheses, str) else None, data["proposals"]
 
 
-def _note(target: optuna.Study | optuna.Trial, body: str) -> None:
-    """An optuna-dashboard note (Markdown) on the study or trial; imported here, when the LLM has proposed
-    something, rather than by every controller at start-up."""
+def _note(study: optuna.Study, body: str) -> None:
+    """The study's optuna-dashboard note (Markdown), the LLM's hypotheses; imported here, when the LLM has
+    proposed something, rather than by every controller at start-up."""
     from optuna_dashboard import save_note
 
-    save_note(target, body)
+    save_note(study, body)
 
 
 def make_scheduler(spec: StudySpec, study: optuna.Study, space: dict[str, BaseDistribution]) -> ProposalScheduler:

@@ -60,3 +60,22 @@ def reward_rises_held_out_falls(params: dict[str, Any], *, run_dir: Path, **_: A
 def always_fails(params: dict[str, Any], **_: Any) -> float:
     """Fail every trial, as a trial on a broken setup would."""
     raise RuntimeError(f"broken on purpose (x={params['x']:.3f})")
+
+
+def stepping(params: dict[str, Any], *, run_dir: Path, **_: Any) -> float:
+    """Write ``metrics.jsonl`` as run_trial does, an untrained evaluation, ``sft_steps`` SFT steps, one after them
+    and ``rl_steps`` RL steps, each taking ``step_s`` seconds: a trial whose progress the controller can follow."""
+    with open(run_dir / "metrics.jsonl", "w") as out:
+        def point(phase: str, step: int, **values: float) -> None:
+            time.sleep(params["step_s"])
+            out.write(json.dumps({"phase": phase, "step": step, **values}) + "\n")
+            out.flush()
+
+        point("untrained", 0, untrained_execution_accuracy=0.0)
+        for step in range(params["sft_steps"]):
+            point("sft", step, loss_sum=1.0)
+        point("sft_eval", 0, eval_execution_accuracy=params["x"])
+        for step in range(params["rl_steps"]):
+            point("rl", step, reward_mean=0.5)
+        point("eval", params["rl_steps"], eval_execution_accuracy=params["x"])
+    return params["x"]

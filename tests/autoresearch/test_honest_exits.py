@@ -4,7 +4,6 @@ the budget is spent, an edited study file, and no training service when there is
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from optuna.trial import TrialState

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator
 import kmock
 import optuna
 import pytest
+import yaml
 from kubernetes import client
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
@@ -30,13 +31,15 @@ from optuna.trial import TrialState
 from autoresearch.controller import run_study
 from autoresearch.launchers import EXIT_TIMEOUT, make_launcher
 from autoresearch.launchers.k8s_jobs import JOB_NAME_LABEL, anchor_name, study_slug
-from autoresearch.launchers.kubernetes import EXIT_DELETED, EXIT_NEVER_STARTED, KubernetesLauncher
+from autoresearch.launchers.kubernetes import EXIT_DELETED, EXIT_NEVER_STARTED, USER_AGENT, KubernetesLauncher
 from autoresearch.spec import SpecError, StudySpec, load_spec
 from autoresearch.study import Tally, open_study
 from autoresearch.worker import run_worker
 from tests.autoresearch.helpers import REPO, wait_for
 
 NS = "autoresearch"
+TEST_AGENT = "autoresearch-tests"
+CONTROLLER_MANIFEST = REPO / "k8s" / "base" / "controller.yaml"
 pytestmark = pytest.mark.postgres
 
 
@@ -58,6 +61,7 @@ class Cluster:
         configuration = client.Configuration()
         configuration.host = self.url
         self.batch = client.BatchV1Api(client.ApiClient(configuration))
+        self.batch.api_client.user_agent = TEST_AGENT  # the test's own calls, told from the launcher's
         self.core = client.CoreV1Api(self.batch.api_client)
 
     def _call(self, coroutine: Any) -> Any:
@@ -395,11 +399,12 @@ class Kubelet:
         (spec.trial_dir(number) / "go").touch()
 
 
-def run_with_kubelet(path: Path, cluster: Cluster, plan: dict[tuple[int, int], str]) -> tuple[Tally, Kubelet]:
+def run_with_kubelet(path: Path, cluster: Cluster, plan: dict[tuple[int, int], str],
+                     n_trials: int | None = None) -> tuple[Tally, Kubelet]:
     """Run the study through the launcher while the Kubelet plays its pods; the final tally and the Kubelet."""
     kubelet = Kubelet(cluster, path, plan)
     try:
-        state = run_study(load_spec(path), poll_s=0.2)
+        state = run_study(load_spec(path), n_trials=n_trials, poll_s=0.2)
     finally:
         kubelet.stop()
     return state, kubelet
@@ -470,3 +475,38 @@ def test_no_cluster_is_a_one_line_error(tmp_path: Path, postgres_url: str) -> No
     path.write_text(path.read_text().replace('host = "http://unused"', f'kubeconfig = "{tmp_path / "missing"}"'))
     with pytest.raises(SpecError, match="kubernetes: cannot find the cluster"):
         KubernetesLauncher(load_spec(path))
+
+
+def role_rules(manifest: Path, name: str) -> set[tuple[str, str, str]]:
+    """The (API group, resource, verb) triples the Role ``name`` in ``manifest`` grants."""
+    role = next(doc for doc in yaml.safe_load_all(manifest.read_text())
+                if doc and doc["kind"] == "Role" and doc["metadata"]["name"] == name)
+    return {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
+            for resource in rule["resources"] for verb in rule["verbs"]}
+
+
+def launcher_calls(cluster: Cluster) -> set[tuple[str, str, str]]:
+    """The (API group, resource, RBAC verb) triples of every request the launcher's client sent to kmock."""
+    verbs = {kmock.action.LIST: "list", kmock.action.WATCH: "watch", kmock.action.FETCH: "get",
+             kmock.action.CREATE: "create", kmock.action.DELETE: "delete"}
+    calls = set()
+    for request in cluster.mock:
+        agents = {value for key, value in request.headers.items() if key.lower() == "user-agent"}
+        assert agents in ({USER_AGENT}, {TEST_AGENT}), f"a request from an unknown client: {request}"
+        if agents == {USER_AGENT}:
+            verb = verbs.get(request.action) or {"PATCH": "patch", "PUT": "update"}[str(request.method.value).upper()]
+            resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
+            calls.add((request.resource.group or "", resource, verb))
+    return calls
+
+
+def test_the_controllers_role_grants_exactly_the_calls_the_launcher_makes(tmp_path: Path, postgres_url: str,
+                                                                         cluster: Cluster) -> None:
+    path = write_study(tmp_path, postgres_url, cluster.url, n_trials=1, parallel=1)
+    first, _ = run_with_kubelet(path, cluster, {})
+    # A second controller on the same study: the anchor ConfigMap exists (read, not created), Jobs are adopted.
+    second, _ = run_with_kubelet(path, cluster, {}, n_trials=2)
+    assert (first.complete, second.complete) == (1, 2)
+    calls = launcher_calls(cluster)
+    assert ("", "configmaps", "get") in calls and ("batch", "jobs", "watch") in calls and ("", "pods/log", "get") in calls
+    assert calls == role_rules(CONTROLLER_MANIFEST, "autoresearch-controller")

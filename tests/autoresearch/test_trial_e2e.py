@@ -65,6 +65,11 @@ def test_tiny_study_trains_through_the_training_api(tmp_path: Path, capsys: pyte
     assert main(["run", str(path)]) == 0
     spec = load_spec(path)
     done = trials(path)
+    err = capsys.readouterr().err
+    for trial in done:  # run's line as each trial starts and ends; the worker's last copy of its progress
+        assert f"trial {trial.number} started (sampler): " in err
+        assert re.search(rf"trial {trial.number} complete: \d\.\d{{4}} \[\d\.\d{{4}}, \d\.\d{{4}}\], n=8, ", err)
+        assert trial.user_attrs["progress"] == {"phase": "rl", "step": 1, "of": 1, "done": 2, "total": 2}
     storage = make_storage(spec)
     assert [t.state for t in done] == [TrialState.COMPLETE] * 2, [t.user_attrs.get("failure_reason") for t in done]
     for trial in done:

@@ -36,13 +36,6 @@ APP_UID = 10001
 KUEUE = "kueue.x-k8s.io/v1beta1"
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "ResourceFlavor", "ClusterQueue"}
 WORKLOADS = {"Deployment", "StatefulSet", "Job"}
-# The contract (k8s/README.md): what the controller's Role grants, and nothing more.
-CONTROLLER_RULES = {
-    ("batch", "jobs"): {"create", "get", "list", "watch", "delete"},
-    ("", "pods"): {"get", "list", "watch"},
-    ("", "pods/log"): {"get", "list", "watch"},
-    ("", "configmaps"): {"get", "create", "delete"},
-}
 STORAGE_SECRET = ("autoresearch-storage", "url")
 API_KEY_SECRET = ("trainer-api-key", "api-key")
 
@@ -201,14 +194,10 @@ def test_pods_take_their_secrets_by_contract_and_the_readme_creates_them(kustomi
                 assert var in defined, f"{container['name']} expands $({var}), which it does not define"
 
 
-def test_the_controller_role_is_exactly_the_minimal_set() -> None:
+def test_the_controller_role_is_bound_to_the_controller_alone_and_nothing_is_cluster_wide() -> None:
+    """Its verbs are checked against the calls the launcher makes, in tests/autoresearch/test_kubernetes_launcher.py."""
     objects = render("base")
-    granted: dict[tuple[str, str], set[str]] = {}
-    for rule in find(objects, "Role", "autoresearch-controller")["rules"]:
-        for group in rule["apiGroups"]:
-            for resource in rule["resources"]:
-                granted.setdefault((group, resource), set()).update(rule["verbs"])
-    assert granted == CONTROLLER_RULES
+    find(objects, "Role", "autoresearch-controller")
     binding = find(objects, "RoleBinding", "autoresearch-controller")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                   "name": "autoresearch-controller"}
