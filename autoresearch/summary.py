@@ -139,7 +139,8 @@ def export_trial(spec: StudySpec, study: optuna.Study, number: int) -> dict[str,
         "study_file_sha256": ran_under,
         # The dataset and training below are the study file's now: they are the trial's only if the file is the same.
         "study_file_changed": ran_under is not None and ran_under != study_file_sha256(spec),
-        "training": {"api": spec.training.api, "base_model": spec.training.base_model, "device": spec.training.device},
+        "training": {"api": spec.training.api, "base_model": spec.training.base_model, "device": spec.training.device,
+                     "sampler": spec.training.sampler},
         "reward_config": reward_config,
         "run_trial": {
             "params": params,

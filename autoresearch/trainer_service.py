@@ -9,7 +9,6 @@ base model, one LoRA adapter per trial).
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from trainer_api.process import free_port  # no torch: the core install can import it
+from trainer_api.process import free_port, popen_service, stop_service  # no torch: the core install can import it
 
 from .spec import StudySpec
 
@@ -50,13 +49,8 @@ class TrainerService:
     url: str
 
     def stop(self) -> None:
-        """SIGTERM the service, SIGKILL it if it lingers."""
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        """SIGTERM the service and its children (vLLM's engine), SIGKILL them if they linger."""
+        stop_service(self.proc)
 
 
 def _command(*args: str) -> list[str]:
@@ -89,10 +83,12 @@ def start_trainer(spec: StudySpec) -> TrainerService:
                    "--checkpoint-root", str(spec.run_folder / "checkpoints"), "--exit-with-parent")
     if spec.training.device:
         cmd += ["--device", spec.training.device]
+    if spec.training.sampler:
+        cmd += ["--sampler", spec.training.sampler]
     # The key goes in the environment: a command line is visible to every user of the machine.
     env = {**_env(), "TRAINER_API_KEY": spec.training.api_key}
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = popen_service(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     service = TrainerService(proc, f"http://127.0.0.1:{port}")
     deadline = time.monotonic() + spec.training.startup_timeout_s
     while time.monotonic() < deadline:

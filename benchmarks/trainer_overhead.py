@@ -147,7 +147,8 @@ def main() -> None:
         sequences = make_batch(vocab, args.batch, args.seq_len, seed=0)
         extra = ("--device", args.device) if args.device else ()
         direct = DirectTrainer(model_dir, sequences, args.rank)
-        service = start_service(model_dir, Path(tmp) / "ckpt", Path(tmp) / "server.log", api_key=API_KEY, extra_args=extra)
+        service = start_service(model_dir, Path(tmp) / "ckpt", Path(tmp) / "server.log", api_key=API_KEY, extra_args=extra,
+                                sampler="torch")  # training only: no vLLM engine beside it
         try:
             client = tinker.ServiceClient(base_url=service.base_url, api_key=API_KEY)
             tc = client.create_lora_training_client(base_model=model_dir, rank=args.rank, seed=0).result()

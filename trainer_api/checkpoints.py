@@ -548,11 +548,7 @@ class CheckpointStore:
         ttl_seconds: int | None = None,
     ) -> str:
         """Write a standard PEFT adapter directory (``PeftModel.from_pretrained`` loads it)."""
-        files = {
-            "adapter_model.safetensors": _safetensors_bytes(adapter),
-            "adapter_config.json": json.dumps(adapter_config, indent=2, default=list).encode(),
-        }
-        return self._write(ref, files, meta, overwrite=False, ttl_seconds=ttl_seconds)
+        return self._write(ref, peft_files(adapter, adapter_config), meta, overwrite=False, ttl_seconds=ttl_seconds)
 
     def _write(
         self, ref: CheckpointRef, files: dict[str, bytes], meta: dict[str, Any], overwrite: bool, ttl_seconds: int | None
@@ -844,6 +840,14 @@ def _suppress_oserror() -> Iterator[None]:
         yield
     except (OSError, _Unsafe):
         pass
+
+
+def peft_files(adapter: dict[str, torch.Tensor], adapter_config: dict[str, Any]) -> dict[str, bytes]:
+    """The files of a standard PEFT adapter directory, by name."""
+    return {
+        "adapter_model.safetensors": _safetensors_bytes(adapter),
+        "adapter_config.json": json.dumps(adapter_config, indent=2, default=list).encode(),
+    }
 
 
 def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:

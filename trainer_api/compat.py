@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import re
 import tempfile
 import traceback
 import warnings
@@ -248,7 +249,16 @@ def run_calls(base_url: str, base_model: str, api_key: str = API_KEY, timeout: f
     return outcomes
 
 
-def render(outcomes: list[Outcome], sdk_version: str) -> str:
+def sampler_backend(base_url: str, api_key: str) -> str:
+    """What served the sampling methods, as the service's ``/metrics`` says (``trainer_sampler_info``)."""
+    import httpx
+
+    text = httpx.get(f"{base_url}/metrics", headers={"X-API-Key": api_key}, timeout=30).text
+    match = re.search(r'^trainer_sampler_info\{backend="(\w+)"\} 1$', text, flags=re.MULTILINE)
+    return match.group(1) if match else "unknown (the service does not say)"
+
+
+def render(outcomes: list[Outcome], sdk_version: str, sampler: str) -> str:
     supported = sum(o.supported for o in outcomes)
     lines = [
         "# trainer_api compatibility with the tinker SDK",
@@ -257,6 +267,8 @@ def render(outcomes: list[Outcome], sdk_version: str) -> str:
         "method of ServiceClient, TrainingClient, SamplingClient and RestClient was called once with small",
         "arguments against a freshly started service on the tiny model. \"Supported\" means the call returned",
         "without error; otherwise the note is the error the SDK raised.",
+        "",
+        f"The sampling methods were served by the service's **{sampler}** sampler (`--sampler`).",
         "",
         f"**{supported} of {len(outcomes)} methods supported.**",
         "",
@@ -287,6 +299,7 @@ def write_report(
                 base_url = service.base_url
             assert base_model is not None, "base_model is required with base_url"
             outcomes = run_calls(base_url, base_model, api_key)
+            sampler = sampler_backend(base_url, api_key)
         except Exception:
             if service is not None:
                 traceback.print_exc()
@@ -295,5 +308,5 @@ def write_report(
         finally:
             if service is not None:
                 service.stop()
-    output.write_text(render(outcomes, tinker.__version__))
+    output.write_text(render(outcomes, tinker.__version__, sampler))
     return sum(o.supported for o in outcomes), len(outcomes)

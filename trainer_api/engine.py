@@ -26,18 +26,19 @@ import warnings
 from collections import OrderedDict, deque
 from concurrent.futures import Future
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
 
 from . import losses
-from .checkpoints import CheckpointRef, CheckpointStore, LoadedCheckpoint, checkpoint_ref, parse_path
+from .checkpoints import CheckpointRef, CheckpointStore, LoadedCheckpoint, checkpoint_ref, parse_path, peft_files
 from .exceptions import Busy, NotFound, ServiceError, TooLarge, UserError
 from .numeric import all_finite
 from .optim import AdamStep, adam_step, new_optimizer
 from .sampling import SampleTask, SamplingSpec, generate
+from .vllm_sampler import VllmOptions, VllmSampler
 from .wire import ForwardBackwardIn, ForwardBackwardOut, SampleOut
 
 log = logging.getLogger("trainer_api.engine")
@@ -45,7 +46,6 @@ T = TypeVar("T")
 
 _ATTN_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 _MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]
-_UNEMBED_MODULES = ["lm_head"]
 LORA_ALPHA = 32
 TOKEN_WINDOW_S = 60.0  # the window of the tokens-per-second gauge
 """Fixed LoRA alpha, so that a learning rate means the same thing at every rank."""
@@ -53,7 +53,13 @@ TOKEN_WINDOW_S = 60.0  # the window of the tokens-per-second gauge
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """The LoRA shape a tenant asked for; stored with checkpoints to rebuild it."""
+    """The LoRA shape of a tenant; stored with checkpoints to rebuild it.
+
+    The unembedding is never a LoRA target, so ``train_unembed`` is always recorded False
+    (registering a tenant turns the SDK's default True into False). vLLM cannot serve LoRA
+    on ``lm_head``, and Gemma ties it to the input embedding, where peft cannot merge it
+    (tinker-cookbook's ``build_hf_model``).
+    """
 
     rank: int
     seed: int | None = None
@@ -62,11 +68,7 @@ class LoraSpec:
     train_unembed: bool = True
 
     def target_modules(self) -> list[str]:
-        return (
-            (_ATTN_MODULES if self.train_attn else [])
-            + (_MLP_MODULES if self.train_mlp else [])
-            + (_UNEMBED_MODULES if self.train_unembed else [])
-        )
+        return (_ATTN_MODULES if self.train_attn else []) + (_MLP_MODULES if self.train_mlp else [])
 
     def peft_config(self):
         from peft import LoraConfig
@@ -74,6 +76,12 @@ class LoraSpec:
         return LoraConfig(
             r=self.rank, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=self.target_modules()
         )
+
+    def peft_json(self, base_model: str) -> dict[str, Any]:
+        """``adapter_config.json`` of a PEFT directory holding this adapter (exports, vLLM's adapters)."""
+        config = self.peft_config().to_dict()
+        config["base_model_name_or_path"] = base_model
+        return config
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -140,7 +148,7 @@ class EngineLimits:
     max_batch_tokens: int = 65536
     max_sample_tokens: int = 1024
     max_num_samples: int = 64
-    max_lora_rank: int = 128
+    max_lora_rank: int = 64
     max_snapshots: int = 64
     max_stop_sequences: int = 16
     """Stop strings (and, separately, stop token ids) per sample request: each one is searched for at every step."""
@@ -170,7 +178,9 @@ class Engine:
         device: str | None = None,
         dtype: str | None = None,
         model_name: str | None = None,
+        vllm: VllmOptions | None = None,
     ) -> None:
+        """``vllm``: serve every sample request with a vLLM engine (options given), else with the torch sampler."""
         from peft import get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -213,6 +223,13 @@ class Engine:
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name="trainer-engine", daemon=True)
         self._worker.start()
+        self.sampler = "torch" if vllm is None else "vllm"
+        self._vllm = None if vllm is None else VllmSampler(
+            base_model, vllm, max_seq_len=self.max_seq_len, max_lora_rank=limits.max_lora_rank,
+            dtype=str(torch_dtype).removeprefix("torch."), device_type=self.device.type,
+            adapter_files=lambda snap: peft_files(snap.adapter, snap.lora.peft_json(self.model_name)),
+            account=self._account_vllm, max_adapters=limits.max_snapshots,
+        )
 
     # ----------------------------------------------------------------- submit side
     def _submit(self, job: _Job) -> Future:
@@ -246,7 +263,7 @@ class Engine:
         if not 1 <= lora.rank <= self.limits.max_lora_rank:
             raise UserError(f"LoRA rank must be between 1 and {self.limits.max_lora_rank}, got {lora.rank}")
         if not lora.target_modules():
-            raise UserError("at least one of train_mlp, train_attn, train_unembed must be true")
+            raise UserError("at least one of train_mlp and train_attn must be true (the unembedding is not trained)")
 
     def create_model(self, model_id: str, session_id: str, lora: LoraSpec, user_metadata: dict[str, Any]) -> Future:
         """Register a tenant now (so later requests queue behind it) and build its adapter on the worker."""
@@ -254,6 +271,7 @@ class Engine:
         return self._build_then(tenant, lambda: model_id)
 
     def _register(self, model_id: str, session_id: str, lora: LoraSpec, user_metadata: dict[str, Any]) -> Tenant:
+        lora = replace(lora, train_unembed=False)  # see LoraSpec
         self.check_lora(lora)
         with self._lock:
             if model_id in self._tenants:
@@ -358,10 +376,8 @@ class Engine:
         ref = checkpoint_ref(model_id, "external_weights", name)
 
         def run() -> tuple[str, int]:
-            config = tenant.lora.peft_config().to_dict()
-            config["base_model_name_or_path"] = self.model_name
             meta = {"base_model": self.model_name, "lora": tenant.lora.to_json(), "steps": tenant.steps}
-            path = self.store.save_external(ref, self._adapter_state(tenant), config, meta, ttl_seconds)
+            path = self.store.save_external(ref, self._adapter_state(tenant), tenant.lora.peft_json(self.model_name), meta, ttl_seconds)
             return path, self.store.size(ref)
 
         return self._call(model_id, run)
@@ -450,6 +466,8 @@ class Engine:
                 f"checkpoint {path} was trained on base model {loaded.meta['base_model']!r}; "
                 f"this service serves {self.model_name!r}"
             )
+        if loaded.meta["lora"].get("train_unembed"):
+            raise UserError(f"checkpoint {path} has a LoRA on the unembedding, which this service no longer trains or serves")
         return loaded
 
     def _remember(self, key: str, snap: Snapshot) -> None:
@@ -474,6 +492,8 @@ class Engine:
         if len(prompt) + task.spec.max_tokens > self.max_seq_len:
             raise TooLarge(f"prompt ({len(prompt)}) plus max_tokens ({task.spec.max_tokens}) exceeds {self.max_seq_len} tokens")
         self._check_stops(task.spec)
+        if self._vllm is not None:
+            return self._vllm.submit(snap, task)
         return self._submit(_Job(key=f"sampler:{snap.snapshot_id}", future=Future(), sample=(snap, task)))
 
     def _check_stops(self, spec: SamplingSpec) -> None:
@@ -510,9 +530,25 @@ class Engine:
         finally:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            if model_id is not None:
-                with self._lock:
-                    self._device_seconds[model_id] = self._device_seconds.get(model_id, 0.0) + time.perf_counter() - started
+            self._charge(model_id, time.perf_counter() - started)
+
+    def _charge(self, model_id: str | None, seconds: float) -> None:
+        if model_id is not None:
+            with self._lock:
+                self._device_seconds[model_id] = self._device_seconds.get(model_id, 0.0) + seconds
+
+    def _account_vllm(self, snap: Snapshot, task: SampleTask, out: SampleOut, seconds: float) -> None:
+        """Counters for a request vLLM served: its wall time is charged to the weights' owner (vLLM batches
+        requests of several tenants together, so this overstates each one's share of the device)."""
+        self._charge(snap.owner, seconds)
+        self._count_samples([task], [out])
+
+    def _count_samples(self, tasks: list[SampleTask], outs: list[SampleOut]) -> None:
+        n = sum(len(s.tokens) for out in outs for s in out.sequences) + sum(len(t.prompt) for t in tasks)
+        with self._lock:
+            self.sample_batches += 1
+            self.sample_requests += len(tasks)
+            self._count_tokens(n)
 
     def _count_tokens(self, n: int) -> None:
         """Count ``n`` processed tokens; call with ``_lock`` held. Entries older than the window are dropped here,
@@ -531,6 +567,8 @@ class Engine:
     def close(self) -> None:
         self._stop.set()
         self._worker.join(timeout=5)
+        if self._vllm is not None:
+            self._vllm.close()
 
     # ----------------------------------------------------------------- worker side
     def _run(self) -> None:
@@ -810,9 +848,5 @@ class Engine:
                 decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False),
                 device=self.device, pad_id=int(self.tokenizer.pad_token_id or 0),
             )
-        n = sum(len(s.tokens) for out in outs for s in out.sequences) + sum(len(t.prompt) for t in tasks)
-        with self._lock:
-            self.sample_batches += 1
-            self.sample_requests += len(tasks)
-            self._count_tokens(n)
+        self._count_samples(tasks, outs)
         return outs

@@ -22,6 +22,9 @@ def render(
 ) -> str:
     """Render metrics in Prometheus text format 0.0.4, with per-run series for ``runs`` (loaded adapters)."""
     lines = [
+        "# HELP trainer_sampler_info What serves sample requests (the backend label), always 1.",
+        "# TYPE trainer_sampler_info gauge",
+        f'trainer_sampler_info{{backend="{engine.sampler}"}} 1',
         "# HELP trainer_queue_depth Jobs waiting for the engine worker.",
         "# TYPE trainer_queue_depth gauge",
         f"trainer_queue_depth {engine.queue_depth()}",

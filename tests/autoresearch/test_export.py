@@ -50,6 +50,7 @@ seed = 3
 [training]
 api = "{api}"
 base_model = "{base_model}"
+sampler = "torch"
 """
 
 
@@ -99,7 +100,8 @@ def test_the_export_holds_run_trials_keywords_with_the_studys_dataset(exported: 
     assert reward.executes == 0.2 and reward.to_dict() == doc["reward_config"]
     assert {k for k in params if k.startswith("reward.")} == {f"reward.{k}" for k in doc["reward_config"]}
     # A local service serves one model: run_trial asks it (None); what it was is recorded beside.
-    assert kwargs["base_model"] is None and doc["training"] == {"api": "local", "base_model": "tiny", "device": None}
+    assert kwargs["base_model"] is None and doc["training"] == {"api": "local", "base_model": "tiny", "device": None,
+                                                                 "sampler": "torch"}
     assert doc["study_file_sha256"] == study_file_sha256(spec) and doc["study_file_changed"] is False
 
 

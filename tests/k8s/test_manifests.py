@@ -337,7 +337,7 @@ def test_cloudsql_replaces_the_statefulset_behind_the_same_service() -> None:
 
 @pytest.mark.parametrize(("name", "install", "entrypoint"), [
     ("autoresearch.Dockerfile", ".", ["autoresearch"]),
-    ("trainer-api.Dockerfile", "'.[trainer]'", ["python", "-m", "trainer_api", "serve"]),
+    ("trainer-api.Dockerfile", "'.[trainer,vllm]'", ["python", "-m", "trainer_api", "serve"]),
 ])
 def test_images_install_this_repository_and_run_as_the_manifests_uid(name: str, install: str,
                                                                      entrypoint: list[str]) -> None:
@@ -347,7 +347,7 @@ def test_images_install_this_repository_and_run_as_the_manifests_uid(name: str, 
     runs = " && ".join(args for op, args in steps if op == "RUN")
     assert f"pip install --no-cache-dir {install}" in runs
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    extras = re.findall(r"\[(\w+)\]", install)
+    extras = [e for group in re.findall(r"\[([\w,-]+)\]", install) for e in group.split(",")]
     assert all(extra in pyproject["optional-dependencies"] for extra in extras)
     assert steps.index(("COPY", ". /app")) < next(i for i, (op, args) in enumerate(steps) if "pip install" in args)
     users = [args for op, args in steps if op == "USER"]

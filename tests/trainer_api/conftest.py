@@ -19,9 +19,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: starts extra service processes (still part of the default run)")
 
 
-def start_server(model_dir: Path, checkpoint_root: Path, log_path: Path) -> ServiceProcess:
-    """The service as the tests run it: API key enforced."""
-    return start_service(model_dir, checkpoint_root, log_path, api_key=API_KEY)
+def start_server(model_dir: Path, checkpoint_root: Path, log_path: Path, sampler: str = "torch") -> ServiceProcess:
+    """The service as the tests run it: API key enforced; the torch sampler unless a test is about vLLM
+    (tests/trainer_api/test_sampling_backends.py runs the sampling tests on both)."""
+    return start_service(model_dir, checkpoint_root, log_path, api_key=API_KEY, sampler=sampler, timeout=240.0)
 
 
 @pytest.fixture()
@@ -60,3 +61,13 @@ def service_client(server: ServiceProcess):
     import tinker
 
     return tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key)
+
+
+@pytest.fixture(scope="module")
+def base_model(tiny_model_dir: Path) -> str:
+    return str(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(service_client, base_model: str):
+    return service_client.create_lora_training_client(base_model=base_model, rank=2).result().get_tokenizer()

@@ -13,6 +13,7 @@ def test_report_covers_every_public_method_and_core_calls_work(server, tiny_mode
     text = out.read_text()
     assert total == len(compat.public_methods()) >= 100
     assert f"**{supported} of {total} methods supported.**" in text
+    assert "served by the service's **torch** sampler" in text  # the test services sample with torch
     rows = dict(re.findall(r"^\| `([\w.]+)` \| (yes|no) \|", text, flags=re.M))
     assert len(rows) == total
     for method in [

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from tinker import types
 
-from tests.trainer_api.test_training_sdk import TEXTS, sft_datum, train
+from tests.trainer_api.sdk_helpers import TEXTS, sft_datum, train
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,11 @@ import time
 import numpy as np
 import pytest
 
+torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from trainer_api.checkpoints import CheckpointStore  # noqa: E402
-from trainer_api.engine import AdamStep, Busy, Engine, EngineLimits, LoraSpec, NotFound  # noqa: E402
+from trainer_api.checkpoints import CheckpointStore, checkpoint_ref, parse_path  # noqa: E402
+from trainer_api.engine import AdamStep, Busy, Engine, EngineLimits, LoraSpec, NotFound, UserError  # noqa: E402
 from trainer_api.service import Service, SessionState  # noqa: E402
 from trainer_api.sampling import SampleTask, SamplingSpec  # noqa: E402
 from trainer_api.wire import DatumIn, ForwardBackwardIn  # noqa: E402
@@ -165,3 +166,17 @@ def test_a_request_cancelled_while_queued_is_skipped_and_the_worker_survives(eng
     assert kept.result().metrics["loss:sum"] > 0
     assert engine.forward_passes == passes + 1  # the kept request ran; the cancelled one did not
     assert engine.forward_backward(_req("cancel", [2, 3])).result().metrics["loss:sum"] > 0
+
+
+def test_the_unembedding_is_never_trained_and_checkpoints_that_train_it_are_refused(engine):
+    engine.create_model("heads", "s", LoraSpec(rank=2, seed=0, train_unembed=True), {}).result()
+    tenant = engine.tenant("heads")
+    assert tenant.lora.train_unembed is False
+    assert not any("lm_head" in n for n, p in engine.peft.named_parameters() if f".{tenant.adapter}." in n)
+    path = engine.save_state("heads", "no-head", overwrite=False, user_metadata=None).result()
+    # A checkpoint written when the unembedding was still a LoRA target says so in its metadata.
+    meta = engine.store.load(parse_path(path), with_optimizer=False).meta
+    ref = checkpoint_ref("heads", "weights", "old-head")
+    engine.store.save(ref, {"lm_head.lora_A.weight": torch.zeros(2, 64)}, {**meta, "lora": {**meta["lora"], "train_unembed": True}}, None)
+    with pytest.raises(UserError, match="LoRA on the unembedding"):
+        engine.load_state("heads", "tinker://heads/weights/old-head", with_optimizer=False)

@@ -15,7 +15,7 @@ import tinker
 from fastapi.testclient import TestClient
 from tinker import types
 
-from tests.trainer_api.test_training_sdk import TEXTS, sft_datum
+from tests.trainer_api.sdk_helpers import TEXTS, sft_datum
 from trainer_api.process import ServiceProcess, start_service
 
 ALICE, BOB = "tml-alice-0123456789", "tml-bob-9876543210"
@@ -26,7 +26,7 @@ GREEDY = types.SamplingParams(max_tokens=4, temperature=0.0, stop=[])
 def start_two_key_service(model_dir: Path, root: Path, log: Path) -> ServiceProcess:
     keys = root.parent / "api-keys"
     keys.write_text(f"# two researchers\n{ALICE} alice\n\n{BOB} bob\n")
-    return start_service(model_dir, root, log, extra_args=("--api-keys-file", str(keys)))
+    return start_service(model_dir, root, log, extra_args=("--api-keys-file", str(keys)), sampler="torch")
 
 
 @pytest.fixture(scope="module")
@@ -280,9 +280,15 @@ def test_another_tenants_session_cannot_be_finished_or_kept_alive(alice, bob_htt
 
 def test_another_tenants_future_cannot_be_retrieved_or_cancelled(alice, bob_http, alice_http):
     # A long generation holds the worker, so the forwards queued behind it are still pending when cancelled.
-    busy = {"prompt": {"chunks": [{"type": "encoded_text", "tokens": PROMPT}]}, "num_samples": 2,
-            "sampling_params": {"max_tokens": 100, "temperature": 1.0, "seed": 1, "stop": []}}
+    # 64 x 1,000 tokens: seconds, even for the vectorised sampler on the tiny model.
+    busy = {"prompt": {"chunks": [{"type": "encoded_text", "tokens": PROMPT}]}, "num_samples": 64,
+            "sampling_params": {"max_tokens": 1000, "temperature": 1.0, "seed": 1, "stop": []}}
     hold = alice_http.post("/api/v1/asample", json={**busy, "sampling_session_id": alice.sampler_id})
+    # Once the worker has taken the generation off its queue, what comes next waits (jobs drained together
+    # with it could no longer be cancelled).
+    deadline = time.monotonic() + 30
+    while "\ntrainer_queue_depth 0\n" not in alice_http.get("/metrics").text and time.monotonic() < deadline:
+        time.sleep(0.05)
     theirs = alice_http.post("/api/v1/forward", json=forward_body(alice.model_id, PROMPT)).json()["request_id"]
     mine = alice_http.post("/api/v1/forward", json=forward_body(alice.model_id, PROMPT)).json()["request_id"]
     missing_id = theirs[:-4] + "0000"
@@ -292,7 +298,7 @@ def test_another_tenants_future_cannot_be_retrieved_or_cancelled(alice, bob_http
     assert alice_http.post("/api/v1/cancel_future", json={"request_id": mine}).json() == {}
     assert retrieve(alice_http, theirs)["loss_fn_output_type"] == "ArrayRecord"  # Bob's cancel did nothing
     assert retrieve(alice_http, mine) == {"error": "the request was cancelled", "category": "user"}  # Alice's did
-    assert len(retrieve(alice_http, hold.json()["request_id"])["sequences"]) == 2
+    assert len(retrieve(alice_http, hold.json()["request_id"])["sequences"]) == busy["num_samples"]
 
 
 # ------------------------------------------------------------------ metrics, docs, keys

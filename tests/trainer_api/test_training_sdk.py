@@ -14,44 +14,7 @@ import pytest
 import tinker
 from tinker import types
 
-TEXTS = [
-    "SELECT name FROM users WHERE age > 30;",
-    "SELECT COUNT(*) FROM orders GROUP BY customer_id;",
-    "How many users are older than thirty?",
-]
-
-
-@pytest.fixture(scope="module")
-def base_model(tiny_model_dir) -> str:
-    return str(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(service_client, base_model):
-    return service_client.create_lora_training_client(base_model=base_model, rank=2).result().get_tokenizer()
-
-
-def sft_datum(tokenizer, text: str) -> types.Datum:
-    ids = tokenizer.encode(text)
-    return types.Datum(
-        model_input=types.ModelInput.from_ints(ids[:-1]),
-        loss_fn_inputs={"target_tokens": ids[1:], "weights": [1.0] * (len(ids) - 1)},
-    )
-
-
-def forward_logprobs(tc, data) -> list[np.ndarray]:
-    out = tc.forward(data, "cross_entropy").result()
-    return [o["logprobs"].to_numpy() for o in out.loss_fn_outputs]
-
-
-def train(tc, data, steps: int, lr: float) -> list[float]:
-    losses = []
-    for _ in range(steps):
-        fb = tc.forward_backward(data, "cross_entropy")
-        opt = tc.optim_step(types.AdamParams(learning_rate=lr))
-        losses.append(fb.result().metrics["loss:sum"])
-        opt.result()
-    return losses
+from tests.trainer_api.sdk_helpers import TEXTS, forward_logprobs, rl_batch, sft_datum, train
 
 
 def test_supervised_steps_lower_the_cross_entropy_loss(service_client, base_model, tokenizer):
@@ -65,25 +28,6 @@ def test_supervised_steps_lower_the_cross_entropy_loss(service_client, base_mode
     total = -sum(float(o["logprobs"].to_numpy().sum()) for o in out.loss_fn_outputs)
     assert out.metrics["loss:sum"] == pytest.approx(total, rel=1e-5)
     assert [o["logprobs"].shape[0] for o in out.loss_fn_outputs] == [len(tokenizer.encode(t)) - 1 for t in TEXTS]
-
-
-def _rl_batch(prompt: list[int], sequences) -> tuple[list[types.Datum], list[slice]]:
-    data, sampled = [], []
-    for seq in sequences:
-        tokens = prompt + seq.tokens
-        n_prompt = len(prompt) - 1
-        data.append(
-            types.Datum(
-                model_input=types.ModelInput.from_ints(tokens[:-1]),
-                loss_fn_inputs={
-                    "target_tokens": tokens[1:],
-                    "logprobs": [0.0] * n_prompt + list(seq.logprobs),
-                    "advantages": [0.0] * n_prompt + [1.0] * len(seq.tokens),
-                },
-            )
-        )
-        sampled.append(slice(n_prompt, None))
-    return data, sampled
 
 
 @pytest.mark.parametrize(
@@ -102,7 +46,7 @@ def test_rl_step_with_positive_advantages_raises_sampled_logprobs(service_client
     res = sampler.sample(
         types.ModelInput.from_ints(prompt), 4, types.SamplingParams(max_tokens=6, seed=0, stop=[])
     ).result()
-    data, sampled = _rl_batch(prompt, res.sequences)
+    data, sampled = rl_batch(prompt, res.sequences)
     before = [lp[s].sum() for lp, s in zip(forward_logprobs(tc, data), sampled)]
     out = tc.forward_backward(data, loss_fn, config).result()
     # On-policy data: the sampler's log-probabilities equal the learner's, so the ratio is 1.
@@ -110,72 +54,6 @@ def test_rl_step_with_positive_advantages_raises_sampled_logprobs(service_client
     tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
     after = [lp[s].sum() for lp, s in zip(forward_logprobs(tc, data), sampled)]
     assert sum(after) > sum(before) + 0.1, (before, after)
-
-
-def test_sampled_logprobs_match_a_forward_pass(service_client, base_model, tokenizer):
-    tc = service_client.create_lora_training_client(base_model=base_model, rank=8, seed=2).result()
-    train(tc, [sft_datum(tokenizer, TEXTS[0])], steps=2, lr=1e-2)
-    sampler = tc.save_weights_and_get_sampling_client().result()
-    prompt = tokenizer.encode("How many users")
-    res = sampler.sample(types.ModelInput.from_ints(prompt), 3, types.SamplingParams(max_tokens=8, seed=5)).result()
-    assert len(res.sequences) == 3
-    data, sampled = _rl_batch(prompt, res.sequences)
-    for seq, lp, s in zip(res.sequences, forward_logprobs(tc, data), sampled):
-        assert len(seq.tokens) == len(seq.logprobs) > 0
-        np.testing.assert_allclose(lp[s], seq.logprobs, atol=1e-4)
-        full = prompt + seq.tokens
-        prompt_lp = sampler.compute_logprobs(types.ModelInput.from_ints(full)).result()
-        assert prompt_lp[0] is None
-        np.testing.assert_allclose(prompt_lp[1:], lp, atol=1e-4)
-
-
-def test_sampling_honours_seed_max_tokens_stop_and_greedy(service_client, base_model, tokenizer):
-    sampler = service_client.create_sampling_client(base_model=base_model).result()
-    prompt = types.ModelInput.from_ints(tokenizer.encode("SELECT"))
-
-    def sample(n=1, **params):
-        return sampler.sample(prompt, n, types.SamplingParams(**params)).result().sequences
-
-    a = sample(3, max_tokens=12, seed=11, stop=[])
-    b = sample(3, max_tokens=12, seed=11, stop=[])
-    c = sample(3, max_tokens=12, seed=12, stop=[])
-    assert [s.tokens for s in a] == [s.tokens for s in b]
-    assert [s.tokens for s in a] != [s.tokens for s in c]
-    assert all(len(s.tokens) == 12 and s.stop_reason == "length" for s in a)
-
-    target = a[0].tokens[5]
-    cut = a[0].tokens.index(target) + 1
-    stopped = sample(1, max_tokens=12, seed=11, stop=[target])[0]
-    assert stopped.tokens == a[0].tokens[:cut] and stopped.stop_reason == "stop"
-
-    text = tokenizer.decode(a[0].tokens[3:5])
-    by_string = sample(1, max_tokens=12, seed=11, stop=[text])[0]
-    assert text in tokenizer.decode(by_string.tokens) and by_string.stop_reason == "stop"
-    assert text not in tokenizer.decode(by_string.tokens[:-1])
-
-    greedy = sample(2, max_tokens=6, temperature=0.0, stop=[])
-    assert greedy[0].tokens == greedy[1].tokens
-    assert sample(1, max_tokens=6, top_k=1, seed=3, stop=[])[0].tokens == greedy[0].tokens
-    assert sample(1, max_tokens=6, top_p=1e-6, seed=4, stop=[])[0].tokens == greedy[0].tokens
-    # The greedy token is the forward pass's arg-max, so its logprob is the largest available.
-    assert all(lp > np.log(1 / len(tokenizer)) for lp in greedy[0].logprobs)
-
-
-def test_sampler_keeps_the_weights_it_was_created_with(service_client, base_model, tokenizer):
-    tc = service_client.create_lora_training_client(base_model=base_model, rank=8, seed=3).result()
-    prompt = types.ModelInput.from_ints(tokenizer.encode("SELECT"))
-    params = types.SamplingParams(max_tokens=6, seed=7, stop=[])
-    early = tc.save_weights_and_get_sampling_client().result()
-    named = tc.save_weights_for_sampler("snapshot-early").result().path
-    assert named.endswith("/sampler_weights/snapshot-early")
-    first = early.sample(prompt, 1, params).result().sequences[0]
-    train(tc, [sft_datum(tokenizer, t) for t in TEXTS], steps=3, lr=2e-2)
-    again = early.sample(prompt, 1, params).result().sequences[0]
-    assert (again.tokens, again.logprobs) == (first.tokens, first.logprobs)
-    from_path = service_client.create_sampling_client(model_path=named).result()
-    assert from_path.sample(prompt, 1, params).result().sequences[0].logprobs == pytest.approx(first.logprobs, abs=1e-6)
-    late = tc.save_weights_and_get_sampling_client().result().sample(prompt, 1, params).result().sequences[0]
-    assert late.logprobs != pytest.approx(first.logprobs, abs=1e-3)
 
 
 def test_four_concurrent_tenants_keep_their_adapters_apart(service_client, base_model, tokenizer):
