@@ -128,7 +128,7 @@ class TrainingSpec(_Strict):
     api_key_source: str = Field("tml-autoresearch-local", alias="api_key")
     device: str | None = None
     sampler: Literal["torch", "vllm"] | None = None
-    """What serves sampling in a local service (None: the service's default, vLLM when installed)."""
+    """What serves sampling in a local service (None: the service's default, vLLM when installed on a GPU)."""
     startup_timeout_s: float = Field(300, gt=0)
 
     @field_validator("api")

