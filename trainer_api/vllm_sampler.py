@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from .exceptions import ServiceError, UserError
-from .sampling import SampleTask, SamplingSpec
+from .sampling import NON_FINITE_SAMPLE, SampleTask, SamplingSpec
 from .wire import SampledSeq, SampleOut
 
 if TYPE_CHECKING:  # the engine imports this module only when vLLM serves
@@ -61,7 +61,8 @@ class VllmOptions:
     """vLLM's ``gpu_memory_utilization``; on CPU the share of host memory for the KV cache. None:
     0.1 on CPU (the 0.92 default fails there), 0.5 on a GPU, which the training model shares."""
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
+        """Refused at construction, so no engine starts on options it would reject minutes later."""
         if self.max_loras < 1:
             raise ValueError("--vllm-max-loras must be at least 1")
         if self.resident_adapters < self.max_loras:
@@ -133,7 +134,7 @@ def sample_out(result: Any, task: SampleTask) -> SampleOut:
         ]
     values = [lp for s in sequences for lp in s.logprobs] + [lp for lp in prompt_logprobs or [] if lp is not None]
     if not all(math.isfinite(v) for v in values):
-        raise UserError("sample refused: these weights give non-finite logits (the sampled adapter is not finite)")
+        raise UserError(NON_FINITE_SAMPLE)
     return SampleOut(sequences=sequences, prompt_logprobs=prompt_logprobs)
 
 
@@ -170,7 +171,6 @@ class VllmSampler:
         account: Account,
         max_adapters: int,
     ) -> None:
-        options.check()
         self._engine_args = dict(
             model=model,
             enable_lora=True,
