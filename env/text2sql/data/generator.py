@@ -60,7 +60,7 @@ class GenerationReport:
 
     candidates: int = 0
     unfit: int = 0  # the template found nothing to ask of the database
-    repeated: int = 0  # the question was already asked
+    repeated: int = 0  # the question, or its gold query, was already drawn
     empty: int = 0  # the gold query returned no non-NULL value
     degenerate: int = 0  # a predicate dropped, reversed or shifted gave the gold's rows
 
@@ -254,7 +254,7 @@ def _draw(instances: list[_Instance], wanted: int, rng: random.Random) -> tuple[
             continue
         question, query = candidate
         misses = 0
-        seen.add(_key(question))
+        seen.update((_key(question), _key(query.sql)))
         name = instance.domain.name
         numbers[name] += 1
         examples.append(Example(
@@ -270,13 +270,15 @@ def _key(question: str) -> str:
 def _rejection(instance: _Instance, candidate: Candidate, seen: set[str]) -> str | None:
     """Why a candidate is rejected, as a :class:`GenerationReport` field name; None when it is kept.
 
-    A usable gold query asks a new question, runs, returns at least one
-    non-NULL value, and is not degenerate.
+    A usable gold query asks a new question, is a query no earlier example
+    has (a paraphrase of a training example's question in the held-out split
+    would be scored on a query the model was trained to write), runs, returns
+    at least one non-NULL value, and is not degenerate.
     """
     if candidate is None:
         return "unfit"
     question, query = candidate
-    if _key(question) in seen:
+    if _key(question) in seen or _key(query.sql) in seen:
         return "repeated"
     rows = _rows(instance.connection, query.sql)
     if rows is None or not any(value is not None for row in rows for value in row):
