@@ -109,12 +109,19 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.resident_snapshots < 1 or args.torch_sampler_slots < 1 or not 0 <= args.snapshot_spill_gib < float("inf"):
+        print("error: --resident-snapshots and --torch-sampler-slots must be at least 1, --snapshot-spill-gib 0 or more",
+              file=sys.stderr)
+        return 2
     limits = EngineLimits(
         max_lora_rank=args.max_lora_rank,
         max_queue=args.max_queue,
         max_batch_datums=args.max_batch_datums,
         max_batch_tokens=args.max_batch_tokens,
         max_seq_len=args.max_seq_len,
+        max_snapshots=args.resident_snapshots,
+        max_spill_bytes=int(args.snapshot_spill_gib * 2**30),
+        max_sampler_slots=args.torch_sampler_slots,
     )
     if args.quota_checkpoints < 0 or not 0 <= args.quota_gib < float("inf"):
         print("error: --quota-checkpoints and --quota-gib must be 0 (no limit) or more", file=sys.stderr)
@@ -198,6 +205,14 @@ def main(argv: list[str] | None = None) -> int:
                        help="what serves sample requests (default: vllm when it is installed and the device is a GPU, "
                             "else torch); training is torch")
     serve.add_argument("--max-lora-rank", type=int, default=64, help="largest LoRA rank a client may ask for (default 64)")
+    serve.add_argument("--resident-snapshots", type=int, default=64, metavar="N",
+                       help="sampler weights kept in memory, all keys together; the least recently used beyond it "
+                            "are read back from disk when sampled again (default 64)")
+    serve.add_argument("--snapshot-spill-gib", type=float, default=16.0, metavar="GIB",
+                       help="disk for unnamed sampler snapshots pushed out of memory; the least recently used "
+                            "beyond it are dropped and their samplers answer 404 (default 16)")
+    serve.add_argument("--torch-sampler-slots", type=int, default=4, metavar="N",
+                       help="torch sampler: sampling adapters resident in the model, one per LoRA shape (default 4)")
     serve.add_argument("--vllm-max-loras", type=int, default=4, metavar="N",
                        help="adapters vLLM runs in one batch (default 4)")
     serve.add_argument("--vllm-resident-adapters", type=int, default=16, metavar="N",

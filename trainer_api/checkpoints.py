@@ -5,7 +5,8 @@ installed, ``memory://`` in tests). Layout under it: ``<model_id>/run.json`` (th
 training run: base model, LoRA config, metadata) and ``<model_id>/<kind>/<name>/``
 with ``adapter.safetensors``, ``meta.json`` and, for training checkpoints,
 ``optimizer.pt``; ``external_weights`` checkpoints are standard PEFT adapter
-directories; ``<model_id>/owner.json`` names the tenant (an API key's fingerprint)
+directories (or, encrypted to the client's age recipients, their files as
+``<file>.age``); ``<model_id>/owner.json`` names the tenant (an API key's fingerprint)
 that the run and all its checkpoints belong to. Everything needed to rebuild a
 tenant lives there, so checkpoints survive a service restart.
 
@@ -55,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+import pyrage
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load as load_safetensors
@@ -68,6 +70,11 @@ KINDS: dict[str, str] = {"weights": "training", "sampler_weights": "sampler", "e
 """Path segment -> the SDK's checkpoint_type."""
 TRAINABLE_KINDS = ("weights", "sampler_weights")
 """Kinds stored in this service's own format (loadable into an adapter)."""
+
+AGE_SUFFIX = ".age"
+"""An age-encrypted export stores each file as ``<file>.age`` (what tinker-cookbook's ``weights.download`` decrypts)."""
+MAX_AGE_RECIPIENTS = 10
+"""The SDK documents at most 10 recipients for ``save_weights_external``."""
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _HIDDEN_RE = re.compile(r"^\.(partial|old|deleting|tmp)-(.*)-([0-9a-f]{32})$")
@@ -204,6 +211,26 @@ def _fmt_bytes(n: int) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n} bytes"
+
+
+def age_recipients(recipients: list[str]) -> list[Any]:
+    """Parse the SDK's ``age_encryption_recipients`` (``age1...`` X25519 keys or SSH public keys).
+
+    Parsed on the request, so that a malformed key is a 400 naming it before anything is queued or written.
+    """
+    if len(recipients) > MAX_AGE_RECIPIENTS:
+        raise CheckpointError(f"at most {MAX_AGE_RECIPIENTS} age_encryption_recipients, got {len(recipients)}")
+    parsed = []
+    for recipient in recipients:
+        kind = pyrage.ssh if recipient.startswith("ssh-") else pyrage.x25519
+        try:
+            parsed.append(kind.Recipient.from_str(recipient))
+        except pyrage.RecipientError as exc:
+            shown = recipient if len(recipient) <= 80 else recipient[:77] + "..."
+            raise CheckpointError(
+                f"age_encryption_recipients: {shown!r} is not an age recipient (an age1... key or an SSH public key): {exc}"
+            ) from None
+    return parsed
 
 
 # ---------------------------------------------------------------- atomic directory exchange (Linux)
@@ -560,16 +587,13 @@ class CheckpointStore:
         self, ref: CheckpointRef, files: dict[str, bytes], meta: dict[str, Any], overwrite: bool, ttl_seconds: int | None
     ) -> str:
         directory = self._dir(ref)
-        try:
-            old = self._live_meta(ref)
-        except DamagedCheckpoint:
-            old = None  # a damaged checkpoint is replaced by a new one without being counted
-        if old is not None and not overwrite:
+        replaced = self._replaced_size(ref)
+        if replaced is not None and not overwrite:
             raise CheckpointError(f"checkpoint {ref.tinker_path} already exists (pass overwrite=True)")
         now = time.time()
         expires_at = now + ttl_seconds if ttl_seconds else None
         files = {**files, "meta.json": json.dumps({**meta, "created_at": now, "expires_at": expires_at}, default=list).encode()}
-        self._check_quota(ref, sum(map(len, files.values())), self._size_of(directory) if old is not None else None)
+        self._check_quota(ref, sum(map(len, files.values())), replaced)
 
         kind_dir = self._kind_dir(ref.model_id, ref.kind)
         self._makedirs(kind_dir)
@@ -613,7 +637,55 @@ class CheckpointStore:
             _fsync_dir(kind_dir)
         return ref.tinker_path
 
+    def encrypt_export(self, ref: CheckpointRef, recipients: list[Any]) -> int:
+        """Replace an export's files by their age ciphertext, ``<file>.age``; return the export's new size.
+
+        The engine writes an export plain; one asked for encrypted is replaced here, on the worker, before
+        its request resolves. Training checkpoints on the same disk are plain anyway: age protects the
+        copies that leave the service. If this fails, the export is deleted, so it is never left plain
+        under the name the client asked for. Its TTL is kept.
+        """
+        directory = self._dir(ref)
+        with self._lock:
+            try:
+                meta = self._existing_meta(ref)
+                files = {
+                    f"{name}{AGE_SUFFIX}": pyrage.encrypt(self._read_bytes(f"{directory}/{name}"), recipients)
+                    for name, what in sorted(self._entries(directory))
+                    if what == "file" and name != "meta.json"
+                }
+                expires_at = meta.get("expires_at")
+                ttl = max(1, math.ceil(expires_at - time.time())) if expires_at is not None else None
+                self._write_locked(ref, files, meta, overwrite=True, ttl_seconds=ttl)
+            except BaseException:
+                with _suppress_oserror():
+                    self._remove_aside(directory)
+                raise
+            return self._size_of(directory)
+
     # ------------------------------------------------------------ quota
+    def check_quota(self, ref: CheckpointRef, min_bytes: int, overwrite: bool) -> None:
+        """Refuse, before a save is queued, one that cannot fit: ``min_bytes`` is a lower bound on its size.
+
+        This lets the save request itself answer 413 instead of a future that fails later. The write checks
+        again with the exact size, since other saves may land in between; it also answers a name taken
+        without ``overwrite``, as it always has.
+        """
+        if not self.quota.max_checkpoints and not self.quota.max_bytes:
+            return
+        replaced = self._replaced_size(ref)
+        if replaced is None or overwrite:
+            self._check_quota(ref, min_bytes, replaced, at_least=True)
+
+    def _replaced_size(self, ref: CheckpointRef) -> int | None:
+        """Bytes of the live checkpoint at ``ref``: None if there is none, or if it is damaged (then a save
+        replaces it without counting it)."""
+        try:
+            old = self._live_meta(ref)
+        except DamagedCheckpoint:
+            return None
+        return None if old is None else self._size_of(self._dir(ref))
+
     def usage(self, owner: str | None) -> tuple[int, int]:
         """Live checkpoints of ``owner``'s runs: their number and bytes (expired ones are deleted here)."""
         count = size = 0
@@ -632,7 +704,7 @@ class CheckpointStore:
                     count += 1
         return count, size
 
-    def _check_quota(self, ref: CheckpointRef, new_bytes: int, replaced_bytes: int | None) -> None:
+    def _check_quota(self, ref: CheckpointRef, new_bytes: int, replaced_bytes: int | None, at_least: bool = False) -> None:
         most, most_bytes = self.quota.max_checkpoints, self.quota.max_bytes
         if not most and not most_bytes:
             return
@@ -645,10 +717,11 @@ class CheckpointStore:
         if most_bytes and after_bytes > most_bytes:
             over.append(_fmt_bytes(most_bytes))
         if over:
+            bound = "at least " if at_least else ""
             raise QuotaExceeded(
                 f"checkpoint storage quota exceeded: this API key may keep {' and '.join(over)}; it has "
-                f"{count} checkpoints ({_fmt_bytes(used)}) and saving {ref.tinker_path} ({_fmt_bytes(new_bytes)}) "
-                f"would make {after_count} ({_fmt_bytes(after_bytes)}). Free space by deleting checkpoints you no "
+                f"{count} checkpoints ({_fmt_bytes(used)}) and saving {ref.tinker_path} ({bound}{_fmt_bytes(new_bytes)}) "
+                f"would make {after_count} ({bound}{_fmt_bytes(after_bytes)}). Free space by deleting checkpoints you no "
                 "longer need (RestClient.delete_checkpoint_from_tinker_path, or DELETE "
                 "/api/v1/training_runs/<run>/checkpoints/<kind>/<name>) or by giving them a TTL (ttl_seconds when "
                 "saving, or RestClient.set_checkpoint_ttl_from_tinker_path); expired checkpoints do not count"

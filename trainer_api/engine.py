@@ -19,6 +19,8 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
+import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -27,6 +29,7 @@ from collections import OrderedDict, deque
 from concurrent.futures import Future
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import numpy as np
@@ -108,6 +111,17 @@ class Snapshot:
     """The training run whose weights these are: its device seconds pay for sampling them."""
 
 
+@dataclass(frozen=True)
+class _Spilled:
+    """An unnamed snapshot evicted from memory: its adapter in a file of the spill directory."""
+
+    path: Path
+    snapshot_id: str
+    lora: LoraSpec
+    owner: str | None
+    size: int
+
+
 @dataclass
 class Tenant:
     """One training run: its adapter, optimizer and counters."""
@@ -150,6 +164,14 @@ class EngineLimits:
     max_num_samples: int = 64
     max_lora_rank: int = 64
     max_snapshots: int = 64
+    """Sampler snapshots kept in memory, all keys together (``--resident-snapshots``); the least recently
+    used beyond it are written to a spill directory (named ones are on disk already) and read back on demand."""
+    max_spill_bytes: int = 16 * 2**30
+    """Disk the spilled unnamed snapshots may take (``--snapshot-spill-gib``); the oldest beyond it are
+    deleted, and their samplers answer 404 saying so."""
+    max_sampler_slots: int = 4
+    """Torch sampler only: sampling adapters resident in the model, one per LoRA shape, least recently
+    used replaced (each is a full adapter in device memory)."""
     max_stop_sequences: int = 16
     """Stop strings (and, separately, stop token ids) per sample request: each one is searched for at every step."""
     max_stop_chars: int = 256
@@ -208,7 +230,11 @@ class Engine:
         self.peft.eval()
         self._tenants: dict[str, Tenant] = {}
         self._snapshots: OrderedDict[str, Snapshot] = OrderedDict()
-        self._slots: dict[tuple, str] = {}
+        self._spilling: dict[str, Snapshot] = {}
+        """Evicted unnamed snapshots while their spill file is written (still served from memory meanwhile)."""
+        self._spilled: OrderedDict[str, _Spilled] = OrderedDict()
+        self._spill_dir = Path(tempfile.mkdtemp(prefix="trainer-api-snapshots-"))
+        self._slots: OrderedDict[tuple, str] = OrderedDict()
         self._slot_owner: dict[str, str] = {}
         self._names = itertools.count(1)
         self._lock = threading.Lock()
@@ -339,7 +365,7 @@ class Engine:
             for name in losses.LOSS_INPUTS[req.loss_fn]:  # other inputs are ignored, as Tinker does
                 arr = datum.inputs.get(name)
                 if arr is None:
-                    if name == "weights":
+                    if name in losses.OPTIONAL_INPUTS:
                         continue
                     raise UserError(f"data[{i}].loss_fn_inputs lacks {name!r}, which {req.loss_fn} needs")
                 if arr.ndim != 1 or arr.size != n:
@@ -349,6 +375,11 @@ class Engine:
                     )
                 if not np.all(np.isfinite(arr)):
                     raise UserError(f"data[{i}].loss_fn_inputs[{name!r}] has non-finite values")
+                if name == "sequence_ratio_mask" and not np.any(arr):
+                    raise UserError(
+                        f"data[{i}].loss_fn_inputs['sequence_ratio_mask'] marks no token: the sequence's importance "
+                        "ratio is a mean over the tokens it marks (omit it to use the sampled tokens)"
+                    )
             targets = datum.inputs["target_tokens"]
             if targets.min() < 0 or targets.max() >= self.vocab_size:
                 raise UserError(f"data[{i}].loss_fn_inputs['target_tokens'] has ids outside [0, {self.vocab_size})")
@@ -438,26 +469,47 @@ class Engine:
     def snapshot(self, key: str) -> Snapshot:
         """The frozen weights behind ``key``: BASE_SNAPSHOT, a tinker:// sampler path, or an ephemeral id.
 
-        Snapshots live in an LRU of ``max_snapshots`` entries so that an RL loop creating a
-        sampler per iteration does not grow memory without bound; a path evicted from it is
-        reloaded from disk, an evicted unnamed snapshot is gone (and says so).
+        Snapshots live in an LRU of ``max_snapshots`` entries, all tenants together, so that RL
+        loops creating a sampler per iteration do not grow memory without bound. One evicted from
+        it is read back on demand: a path from its checkpoint, an unnamed snapshot from the spill
+        file written when it was evicted. Either way it is the same immutable weights, so a sampling
+        client samples exactly what it was created with.
         """
         if key == BASE_SNAPSHOT:
             return Snapshot(BASE_SNAPSHOT, None, None)
         with self._lock:
-            snap = self._snapshots.get(key)
+            snap = self._snapshots.get(key) or self._spilling.get(key)
             if snap is not None:
+                self._snapshots[key] = snap
                 self._snapshots.move_to_end(key)
                 return snap
-        if not key.startswith("tinker://"):
-            raise NotFound(
-                f"sampler weights {key} were evicted: only the {self.limits.max_snapshots} most recently used "
-                "snapshots stay in memory; save_weights_for_sampler(name) keeps them on disk"
-            )
-        loaded = self._load_checkpoint(key, with_optimizer=False)
-        snap = Snapshot(uuid.uuid4().hex, LoraSpec(**loaded.meta["lora"]), loaded.adapter, owner=parse_path(key).model_id)
+            spilled = self._spilled.get(key)
+            if spilled is not None:
+                self._spilled.move_to_end(key)
+        if key.startswith("tinker://"):
+            loaded = self._load_checkpoint(key, with_optimizer=False)
+            snap = Snapshot(uuid.uuid4().hex, LoraSpec(**loaded.meta["lora"]), loaded.adapter, owner=parse_path(key).model_id)
+        else:
+            snap = self._read_spilled(spilled) if spilled is not None else None
+            if snap is None:
+                raise NotFound(
+                    f"sampler weights {key} were evicted: unnamed snapshots pushed out of memory are kept on disk up "
+                    f"to {self.limits.max_spill_bytes / 2**30:g} GiB, least recently used dropped first; "
+                    "save_weights_for_sampler(name) keeps them as checkpoints"
+                )
         self._remember(key, snap)
         return snap
+
+    @staticmethod
+    def _read_spilled(spilled: _Spilled) -> Snapshot | None:
+        """The snapshot in a spill file, under its original id (the same weights); None if the file was dropped meanwhile."""
+        from safetensors.torch import load_file
+
+        try:
+            adapter = load_file(spilled.path)
+        except FileNotFoundError:
+            return None
+        return Snapshot(spilled.snapshot_id, spilled.lora, adapter, owner=spilled.owner)
 
     def _load_checkpoint(self, path: str, with_optimizer: bool) -> LoadedCheckpoint:
         loaded = self.store.load(parse_path(path), with_optimizer)
@@ -471,11 +523,47 @@ class Engine:
         return loaded
 
     def _remember(self, key: str, snap: Snapshot) -> None:
+        """Keep ``snap`` in memory as the most recently used, spilling unnamed ones pushed out of the LRU.
+
+        The spill file is written outside the lock; meanwhile the snapshot stays reachable in
+        ``_spilling``, so no request finds it missing in between.
+        """
+        evicted: list[tuple[str, Snapshot]] = []
         with self._lock:
             self._snapshots[key] = snap
             self._snapshots.move_to_end(key)
             while len(self._snapshots) > self.limits.max_snapshots:
-                self._snapshots.popitem(last=False)
+                old_key, old = self._snapshots.popitem(last=False)
+                if not old_key.startswith("tinker://") and old_key not in self._spilled and old_key not in self._spilling:
+                    self._spilling[old_key] = old
+                    evicted.append((old_key, old))
+        for old_key, old in evicted:
+            self._spill(old_key, old)
+
+    def _spill(self, key: str, snap: Snapshot) -> None:
+        """Write an evicted unnamed snapshot to the spill directory, then drop the oldest beyond the byte cap."""
+        from safetensors.torch import save_file
+
+        assert snap.lora is not None and snap.adapter is not None
+        path = self._spill_dir / f"{snap.snapshot_id}.safetensors"
+        try:
+            save_file(snap.adapter, path)
+            entry = _Spilled(path, snap.snapshot_id, snap.lora, snap.owner, path.stat().st_size)
+        except Exception:  # never fails the request whose snapshot pushed this one out
+            log.exception("could not spill a sampler snapshot; it is dropped", extra={"key": key})
+            entry = None
+        dropped: list[_Spilled] = []
+        with self._lock:
+            self._spilling.pop(key, None)
+            if entry is not None:
+                self._spilled[key] = entry
+            total = sum(e.size for e in self._spilled.values())
+            while total > self.limits.max_spill_bytes and self._spilled:
+                _, gone = self._spilled.popitem(last=False)
+                total -= gone.size
+                dropped.append(gone)
+        for gone in dropped:
+            gone.path.unlink(missing_ok=True)
 
     def sample(self, snap: Snapshot, task: SampleTask) -> Future:
         """Queue a sample request; queued requests for the same weights are generated as one batch."""
@@ -569,6 +657,7 @@ class Engine:
         self._worker.join(timeout=5)
         if self._vllm is not None:
             self._vllm.close()
+        shutil.rmtree(self._spill_dir, ignore_errors=True)
 
     # ----------------------------------------------------------------- worker side
     def _run(self) -> None:
@@ -717,10 +806,16 @@ class Engine:
         names = [k for k in losses.LOSS_INPUTS[first.loss_fn] if k != "target_tokens"]
         flat_inputs = {
             k: torch.from_numpy(
-                np.concatenate([d.inputs.get(k, np.ones(n, np.float32)).astype(np.float32) for d, n in zip(datums, lengths)])
+                np.concatenate([
+                    (d.inputs[k] if k in d.inputs else losses.default_input(k, d.inputs, n)).astype(np.float32)
+                    for d, n in zip(datums, lengths)
+                ])
             ).to(self.device)
             for k in names
         }
+        flat_inputs[losses.DATUM_INDEX] = torch.repeat_interleave(
+            torch.arange(len(datums)), torch.tensor(lengths)
+        ).to(self.device)
         self._activate(tenant)
         grad = nullcontext() if not first.forward_only else torch.no_grad()
         with grad:
@@ -820,17 +915,28 @@ class Engine:
         return path
 
     def _sampler_adapter(self, snap: Snapshot) -> str:
-        """Load ``snap`` into a sampling slot of its LoRA shape (reused while it stays the owner)."""
+        """Load ``snap`` into a sampling slot of its LoRA shape (reused while it stays the owner).
+
+        At most ``max_sampler_slots`` slots are resident in the model; the least recently used
+        one is deleted to make room, and its snapshot loaded again when it is next sampled.
+        """
         from peft import set_peft_model_state_dict
 
         assert snap.lora is not None and snap.adapter is not None
         key = (snap.lora.rank, tuple(snap.lora.target_modules()))
         slot = self._slots.get(key)
         if slot is None:
+            while len(self._slots) >= self.limits.max_sampler_slots:
+                _, old = self._slots.popitem(last=False)
+                self._slot_owner.pop(old, None)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    self.peft.delete_adapter(old)
             slot = self._slots[key] = f"sampler{next(self._names)}"
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self.peft.add_adapter(slot, snap.lora.peft_config())
+        self._slots.move_to_end(key)
         if self._slot_owner.get(slot) != snap.snapshot_id:
             set_peft_model_state_dict(self.peft, {k: v.to(self.device) for k, v in snap.adapter.items()}, adapter_name=slot)
             self._slot_owner[slot] = snap.snapshot_id

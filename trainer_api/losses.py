@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
+import numpy as np
 import torch
 
 from .numeric import check_number
@@ -21,9 +22,18 @@ LOSS_INPUTS: dict[str, tuple[str, ...]] = {
     "ppo": ("target_tokens", "logprobs", "advantages"),
     "cispo": ("target_tokens", "logprobs", "advantages"),
     "dro": ("target_tokens", "logprobs", "advantages"),
+    "gspo": ("target_tokens", "logprobs", "advantages", "sequence_ratio_mask"),
 }
-"""The loss_fn_inputs each loss reads; ``weights`` may be omitted for cross_entropy (all ones).
+"""The loss_fn_inputs each loss reads; those in ``OPTIONAL_INPUTS`` may be omitted.
 ``target_tokens`` selects the log-probabilities the loss functions receive."""
+
+OPTIONAL_INPUTS = frozenset({"weights", "sequence_ratio_mask"})
+"""Inputs a datum may omit; :func:`default_input` gives their value then."""
+
+DATUM_INDEX = "datum_index"
+"""Not a loss_fn_input (the engine never reads one by this name from a request): the engine adds it
+to the flat inputs, the row of each token's datum in the merged batch, for losses that reduce over
+a sequence (``gspo``). Without it every token is taken to belong to one datum."""
 
 LOSS_CONFIG_DEFAULTS: dict[str, dict[str, float]] = {
     "cross_entropy": {},
@@ -31,6 +41,7 @@ LOSS_CONFIG_DEFAULTS: dict[str, dict[str, float]] = {
     "ppo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
     "cispo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
     "dro": {"beta": 0.05},
+    "gspo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
 }
 """The loss_fn_config keys each loss accepts, with their defaults (ratio bounds, not epsilons)."""
 
@@ -39,7 +50,6 @@ UNSUPPORTED_LOSSES: dict[str, str] = {
         "it trains on stability information the sampler records per sequence (record_stability_info), whose "
         "definition Tinker does not publish, so this service cannot record it"
     ),
-    "gspo": "this service does not implement it yet",
 }
 """Losses the SDK names (``LossFnType``) that this service refuses, with the reason the caller is told."""
 
@@ -73,6 +83,17 @@ def sampled_positions(inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
     and the only penalty it escapes would pull it towards the probability 1 it already had.
     """
     return (inputs["logprobs"] != 0) | (inputs["advantages"] != 0)
+
+
+def default_input(name: str, inputs: Mapping[str, np.ndarray], n: int) -> np.ndarray:
+    """The value of an optional input a datum of ``n`` tokens omits.
+
+    ``weights``: 1 everywhere. ``sequence_ratio_mask``: the datum's sampled positions, since the
+    SDK's RL data carries no mask and GSPO's sequence ratio is a mean over the sampled tokens.
+    """
+    if name == "sequence_ratio_mask":
+        return sampled_positions(inputs).astype(np.float32)
+    return np.ones(n, np.float32)
 
 
 def resolve_config(loss_fn: str, config: Mapping[str, float | str] | None) -> dict[str, float]:
@@ -140,12 +161,39 @@ def dro(logprobs: torch.Tensor, inputs: Mapping[str, torch.Tensor], cfg: Mapping
     return -(logprobs * inputs["advantages"] - 0.5 * cfg["beta"] * log_ratio**2)
 
 
+def gspo(logprobs: torch.Tensor, inputs: Mapping[str, torch.Tensor], cfg: Mapping[str, float]) -> torch.Tensor:
+    """GSPO (Zheng et al., 2025) in its token-level variant, as Tinker defines it: PPO's clipped
+    surrogate on one importance ratio per sequence instead of one per token.
+
+    A sequence's ratio is exp(mean log-ratio over the tokens its ``sequence_ratio_mask`` marks,
+    by default its sampled tokens), taken without gradient; every token of the sequence carries
+    that value with the gradient of its own log-probability, so per-token advantages still work.
+    Clipping the shared value keeps or drops a whole sequence's gradient. A sequence that marks
+    no token (a datum of prompt only, advantages 0) gets ratio 1 and contributes nothing.
+    """
+    marked = inputs.get("sequence_ratio_mask")
+    in_ratio = sampled_positions(inputs) if marked is None else marked != 0
+    datum = inputs.get(DATUM_INDEX)
+    if datum is None:
+        datum = torch.zeros(logprobs.shape, dtype=torch.long, device=logprobs.device)
+    rows = int(datum.max()) + 1 if datum.numel() else 0
+    token_log_ratio = torch.where(in_ratio, logprobs.detach() - inputs["logprobs"], 0.0)
+    sums = torch.zeros(rows, dtype=logprobs.dtype, device=logprobs.device).index_add_(0, datum, token_log_ratio)
+    counts = torch.zeros(rows, dtype=logprobs.dtype, device=logprobs.device).index_add_(0, datum, in_ratio.to(logprobs.dtype))
+    sequence_log_ratio = sums / counts.clamp(min=1.0)
+    ratio = torch.exp(sequence_log_ratio[datum] + logprobs - logprobs.detach())
+    clipped = torch.clamp(ratio, cfg["clip_low_threshold"], cfg["clip_high_threshold"])
+    advantages = inputs["advantages"]
+    return -torch.min(ratio * advantages, clipped * advantages)
+
+
 _ELEMENTWISE: dict[str, Callable[[torch.Tensor, Mapping[str, torch.Tensor], Mapping[str, float]], torch.Tensor]] = {
     "cross_entropy": cross_entropy,
     "importance_sampling": importance_sampling,
     "ppo": ppo,
     "cispo": cispo,
     "dro": dro,
+    "gspo": gspo,
 }
 
 
@@ -156,7 +204,7 @@ def compute_loss(
     config: Mapping[str, float],
 ) -> LossResult:
     """Apply ``loss_fn`` to flat target-token log-probabilities (the sum is what gets differentiated)."""
-    missing = [k for k in LOSS_INPUTS[loss_fn] if k not in inputs and k not in ("target_tokens", "weights")]
+    missing = [k for k in LOSS_INPUTS[loss_fn] if k not in inputs and k != "target_tokens" and k not in OPTIONAL_INPUTS]
     if missing:
         raise LossConfigError(f"loss_fn {loss_fn!r} needs loss_fn_inputs {missing}")
     elementwise = _ELEMENTWISE[loss_fn](logprobs, inputs, config)

@@ -225,9 +225,12 @@ class VllmSampler:
             out = SampleOut(sequences=[SampledSeq([], [], "length") for _ in range(task.num_samples)])
             self._account(snap, task, out, 0.0)
             return out
-        adapter = await self._acquire(snap)
-        engine = self._engine
+        if self._engine.errored:  # died since the last request: this one waits for a new engine, it does not fail
+            await self._restart(self._engine)
+        engine, adapter = self._engine, None
         try:
+            adapter = await self._acquire(snap)
+            engine = self._engine
             final = None
             params = sampling_params(task.spec, task.num_samples, task.want_prompt_logprobs)
             async for final in engine.generate(
@@ -258,11 +261,12 @@ class VllmSampler:
         adapter.users += 1
         try:
             await adapter.ready
+            await self._evict()  # talks to the engine: raises EngineDeadError if it died
         except BaseException:
             adapter.users -= 1
-            self._adapters.pop(snap.snapshot_id, None)
+            if adapter.ready.done() and (adapter.ready.cancelled() or adapter.ready.exception() is not None):
+                self._adapters.pop(snap.snapshot_id, None)  # its directory was never written: try again next time
             raise
-        await self._evict()
         return adapter
 
     async def _materialise(self, snap: Snapshot) -> Any:

@@ -116,8 +116,8 @@ def test_oversized_requests_are_413(healthy):
 def test_bad_loss_requests_say_what_is_wrong(healthy):
     with pytest.raises(tinker.BadRequestError, match="'clip_eps' is not used by 'ppo'"):
         healthy.forward_backward([_datum([2, 3, 4])], "ppo", {"clip_eps": 0.2}).result()
-    with pytest.raises(tinker.BadRequestError, match="unsupported loss_fn 'gspo'"):
-        healthy.forward_backward([_datum([2, 3, 4])], "gspo").result()
+    with pytest.raises(tinker.BadRequestError, match="unsupported loss_fn 'stable_reinforce'"):
+        healthy.forward_backward([_datum([2, 3, 4])], "stable_reinforce").result()
     with pytest.raises(tinker.BadRequestError, match="lacks 'logprobs', which ppo needs"):
         healthy.forward_backward([_datum([2, 3, 4])], "ppo").result()
     wrong_shape = types.Datum(

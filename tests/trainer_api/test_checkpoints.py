@@ -12,6 +12,7 @@ from trainer_api.checkpoints import (  # noqa: E402
     CheckpointError,
     CheckpointNotFound,
     CheckpointStore,
+    age_recipients,
     checkpoint_ref,
     parse_path,
 )
@@ -65,6 +66,38 @@ def test_exports_ttl_and_delete(store):
     store.delete(short)
     with pytest.raises(CheckpointNotFound):
         store.load(short, with_optimizer=False)
+
+
+def test_an_export_is_encrypted_in_place_and_never_left_plain_when_that_fails(store):
+    import pyrage
+
+    identity = pyrage.x25519.Identity.generate()
+    export = checkpoint_ref("run-3", "external_weights", "sealed")
+    store.save_external(export, _adapter(), {"r": 2}, {"base_model": "m"}, ttl_seconds=3600)
+    plain = {name: store._read_bytes(store._dir(export) + "/" + name) for name in store.files(export)}
+    size = store.encrypt_export(export, age_recipients([str(identity.to_public())]))
+    assert set(store.files(export)) == {f"{name}.age" for name in plain} and size == store.size(export)
+    for name, data in plain.items():
+        assert pyrage.decrypt(store._read_bytes(f"{store._dir(export)}/{name}.age"), [identity]) == data
+    [listed] = store.list("run-3")
+    assert listed["expires_at"] is not None  # the TTL survives the rewrite
+
+    failing = checkpoint_ref("run-3", "external_weights", "failing")
+    store.save_external(failing, _adapter(), {"r": 2}, {})
+    with pytest.raises(pyrage.EncryptError):
+        store.encrypt_export(failing, [])  # no recipient: age refuses, and the plain export goes
+    with pytest.raises(CheckpointNotFound):
+        store.files(failing)
+
+
+@pytest.mark.parametrize("recipients, message", [
+    (["age1notakey"], "is not an age recipient"),
+    (["ssh-ed25519 AAAAnotakey"], "is not an age recipient"),
+    (["x" * 500], r"x{77}\.\.\.' is not"),  # a long one is shortened in the message
+])
+def test_malformed_age_recipients_are_refused_naming_them(recipients, message):
+    with pytest.raises(CheckpointError, match=message):
+        age_recipients(recipients)
 
 
 @pytest.mark.parametrize(

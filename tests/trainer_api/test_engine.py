@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from trainer_api.wire import DatumIn, ForwardBackwardIn  # noqa: E402
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir, tmp_path_factory):
-    eng = Engine(str(tiny_model_dir), CheckpointStore(tmp_path_factory.mktemp("engine-ckpt")), EngineLimits(max_queue=8, max_snapshots=2))
+    eng = Engine(str(tiny_model_dir), CheckpointStore(tmp_path_factory.mktemp("engine-ckpt")), EngineLimits(max_queue=8, max_snapshots=2, max_sampler_slots=2))
     yield eng
     eng.close()
 
@@ -102,18 +103,65 @@ def test_unload_deletes_the_adapter(engine):
     assert not any(f".{adapter}." in n for n, _ in engine.peft.named_parameters())
 
 
-def test_snapshots_are_bounded_and_named_ones_reload_from_disk(engine):
+def _train_step(engine: Engine, model_id: str) -> None:
+    engine.forward_backward(_req(model_id, [2, 10, 11, 12, 13])).result()
+    engine.optim_step(model_id, AdamStep(learning_rate=5e-2)).result()
+
+
+def _sample(engine: Engine, key: str):
+    """Seeded samples of ``key``'s weights with their logprobs, which differ between any two sets of weights."""
+    out = engine.sample(engine.snapshot(key), SampleTask((2, 3, 4), 2, SamplingSpec(max_tokens=4, seed=0))).result()
+    return [(s.tokens, s.logprobs) for s in out.sequences]
+
+
+def test_snapshots_are_bounded_in_memory_and_evicted_ones_reload_with_the_same_weights(engine):
     engine.create_model("snaps", "s", LoraSpec(rank=2, seed=0), {}).result()
-    named = engine.save_for_sampler("snaps", "kept", None).result()
-    unnamed = [engine.save_for_sampler("snaps", None, None).result() for _ in range(2)]
-    assert named == "tinker://snaps/sampler_weights/kept" and unnamed[0].startswith("ephemeral:")
-    spec = SamplingSpec(max_tokens=3, seed=0)
-    # Two newer snapshots pushed the named one out of memory: it comes back from disk.
-    first = engine.sample(engine.snapshot(named), SampleTask((2, 3), 1, spec)).result()
-    assert len(first.sequences[0].tokens) == 3
-    with pytest.raises(NotFound, match="were evicted"):
-        engine.snapshot(unnamed[0])
-    assert engine.snapshot(unnamed[1]).lora.rank == 2
+    keys, seen = [], []
+    for name in ("kept", None, None, None):  # one named snapshot, then unnamed ones, each after a training step
+        _train_step(engine, "snaps")
+        keys.append(engine.save_for_sampler("snaps", name, None).result())
+        seen.append(_sample(engine, keys[-1]))
+    assert keys[0] == "tinker://snaps/sampler_weights/kept" and keys[1].startswith("ephemeral:")
+    assert len({str(s) for s in seen}) == 4  # four different sets of weights
+    assert len(engine._snapshots) == 2  # max_snapshots: the two oldest were pushed out of memory
+    assert keys[0] not in engine._snapshots and keys[1] in engine._spilled
+    # Each comes back on demand (the named one from its checkpoint, the unnamed one from its spill file)
+    # with the weights it was created with, pushing others out in turn.
+    for key, expected in reversed(list(zip(keys, seen))):
+        assert _sample(engine, key) == expected
+    for key, expected in zip(keys, seen):
+        assert _sample(engine, key) == expected
+    assert len(engine._snapshots) == 2
+
+
+def test_spilled_snapshots_are_bounded_on_disk(engine):
+    engine.create_model("spill", "s", LoraSpec(rank=2, seed=0), {}).result()
+    keys = [engine.save_for_sampler("spill", None, None).result() for _ in range(3)]
+    one = engine._spilled[keys[0]].size
+    limits = engine.limits
+    engine.limits = replace(limits, max_spill_bytes=2 * one)  # room for two spill files of this shape
+    try:
+        more = [engine.save_for_sampler("spill", None, None).result() for _ in range(3)]  # spills 3 more
+        for key in keys[:2]:  # the two least recently spilled
+            with pytest.raises(NotFound, match="were evicted: unnamed snapshots .* GiB"):
+                engine.snapshot(key)
+    finally:
+        engine.limits = limits
+    assert list(engine._spilled) == [keys[2], more[0]]
+    assert sorted(p.name for p in engine._spill_dir.iterdir()) == sorted(e.path.name for e in engine._spilled.values())
+    assert engine.snapshot(more[0]).lora.rank == 2  # spilled more recently: still there
+
+
+def test_torch_sampling_adapters_resident_in_the_model_are_bounded(engine):
+    """One sampling slot per LoRA shape, at most max_sampler_slots (2 here); a replaced one reloads."""
+    keys, seen = [], []
+    for rank in (3, 5, 6):
+        engine.create_model(f"slots{rank}", "s", LoraSpec(rank=rank, seed=rank), {}).result()
+        keys.append(engine.save_for_sampler(f"slots{rank}", None, None).result())
+        seen.append(_sample(engine, keys[-1]))
+    slots = [name for name in engine.peft.peft_config if name.startswith("sampler")]
+    assert len(slots) == 2 and len(engine._slots) == 2
+    assert _sample(engine, keys[0]) == seen[0]  # its slot had been replaced: it was loaded again
 
 
 def test_sessions_without_heartbeats_are_reaped(engine):

@@ -106,3 +106,13 @@ def test_unclaimed_results_expire_on_an_idle_service(service):
     service.futures.get(old).created_at -= service.futures.ttl_seconds + 1  # nothing else is queued after it
     sweep(service, None, retention=3600.0)
     assert service.futures.get(old) is None and service.futures.get(recent) is not None
+
+
+@pytest.mark.parametrize("flags", [["--resident-snapshots", "0"], ["--torch-sampler-slots", "0"],
+                                   ["--snapshot-spill-gib", "-1"], ["--snapshot-spill-gib", "inf"]])
+def test_bounds_on_resident_sampler_weights_are_checked_before_the_model_loads(tmp_path, capsys, flags):
+    from trainer_api.__main__ import main
+
+    code = main(["serve", "--base-model", str(tmp_path / "no-model"), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--resident-snapshots and --torch-sampler-slots" in err[0]

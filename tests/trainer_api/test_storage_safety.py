@@ -326,7 +326,7 @@ def engine(tiny_model_dir, tmp_path_factory):
 
 
 def client_on(engine, root: Path, quota: StorageQuota) -> TestClient:
-    """The service's routes, in process, over ``root`` with ``quota`` (the serve flags do not set it yet)."""
+    """The service's routes, in process, over ``root`` with ``quota``."""
     from trainer_api.app import create_app
     from trainer_api.service import Service
     from trainer_api.tenants import load_keyring
@@ -345,21 +345,71 @@ def retrieve(http: TestClient, response) -> dict:
             return out
 
 
+def new_model(http: TestClient, tiny_model_dir: Path) -> str:
+    """A session with one rank-2 adapter on the in-process service; the adapter's model id."""
+    session = http.post("/api/v1/create_session", json={}).json()["session_id"]
+    return retrieve(http, http.post("/api/v1/create_model", json={
+        "session_id": session, "model_seq_id": 0, "base_model": str(tiny_model_dir), "lora_config": {"rank": 2}}))["model_id"]
+
+
+def adapter_bytes(engine, model_id: str) -> int:
+    return sum(p.numel() * p.element_size() for p in engine.tenant(model_id).params)
+
+
+@pytest.mark.parametrize(
+    "route, kind", [("save_weights", "weights"), ("save_weights_for_sampler", "sampler_weights"),
+                    ("save_weights_external", "external_weights")],
+)
+def test_a_save_that_cannot_fit_is_a_413_on_its_request(engine, tiny_model_dir, tmp_path, route, kind):
+    """The adapter's tensors alone pass the byte quota: refused before anything is queued or written."""
+    root = tmp_path / "ckpt"
+    http = client_on(engine, root, StorageQuota(max_checkpoints=None, max_bytes=None))
+    model_id = new_model(http, tiny_model_dir)
+    engine.store.quota = StorageQuota(max_checkpoints=None, max_bytes=adapter_bytes(engine, model_id) - 1)
+    answer = http.post(f"/api/v1/{route}", json={"model_id": model_id, "path": "big"})
+    assert answer.status_code == 413, answer.text
+    error = answer.json()
+    assert error["category"] == "user" and "quota exceeded" in error["error"] and "(at least " in error["error"]
+    assert not (root / model_id / kind).exists() and hidden_entries(root) == []
+
+
+def test_the_write_checks_the_quota_again(engine, tiny_model_dir, tmp_path):
+    """What the request cannot know is refused when the save is written: the optimizer state and metadata on
+    top of the adapter's tensors, and a save that landed after the request was checked."""
+    root = tmp_path / "ckpt"
+    http = client_on(engine, root, StorageQuota(max_checkpoints=None, max_bytes=None))
+    model_id = new_model(http, tiny_model_dir)
+    engine.store.quota = StorageQuota(max_checkpoints=None, max_bytes=adapter_bytes(engine, model_id) + 100)
+    queued = http.post("/api/v1/save_weights", json={"model_id": model_id, "path": "full"})
+    refused = retrieve(http, queued)  # passed the request's check (a 200 with a request id), failed on the worker
+    assert refused["category"] == "user" and "quota exceeded" in refused["error"] and "at least" not in refused["error"]
+    assert not (root / model_id / "weights" / "full").exists()
+
+    engine.store.quota = StorageQuota(max_checkpoints=1, max_bytes=None)
+    with engine.store._lock:  # the worker cannot write until both requests have passed their check
+        first = http.post("/api/v1/save_weights", json={"model_id": model_id, "path": "first"})
+        second = http.post("/api/v1/save_weights", json={"model_id": model_id, "path": "second"})
+    assert retrieve(http, first)["path"].endswith("/weights/first")
+    late = retrieve(http, second)
+    assert late["category"] == "user" and "1 checkpoints" in late["error"]
+    assert sorted(p.name for p in (root / model_id / "weights").iterdir()) == ["first"]
+
+
 def test_the_service_refuses_a_save_over_quota_and_lists_past_damage(engine, tiny_model_dir, tmp_path):
     root = tmp_path / "ckpt"
     http = client_on(engine, root, StorageQuota(max_checkpoints=2, max_bytes=None))
-    session = http.post("/api/v1/create_session", json={}).json()["session_id"]
-    model_id = retrieve(http, http.post("/api/v1/create_model", json={
-        "session_id": session, "model_seq_id": 0, "base_model": str(tiny_model_dir), "lora_config": {"rank": 2}}))["model_id"]
+    model_id = new_model(http, tiny_model_dir)
 
     def save(name: str) -> dict:
         return retrieve(http, http.post("/api/v1/save_weights", json={"model_id": model_id, "path": name}))
 
     assert save("a")["path"] == f"tinker://{model_id}/weights/a"
     assert save("b")["path"] == f"tinker://{model_id}/weights/b"
-    refused = save("c")
-    assert refused["category"] == "user" and "quota" in refused["error"] and "2 checkpoints" in refused["error"]
-    assert "delete" in refused["error"]
+    refused = http.post("/api/v1/save_weights", json={"model_id": model_id, "path": "c"})  # on the request itself
+    assert refused.status_code == 413, refused.text
+    error = refused.json()
+    assert error["category"] == "user" and "quota" in error["error"] and "2 checkpoints" in error["error"]
+    assert "delete" in error["error"] and not (root / model_id / "weights" / "c").exists()
     usage = http.get("/api/v1/billing/usage/checkpoints/current").json()["data"][0]
     assert usage["checkpoint_count"] == 2
 
@@ -383,7 +433,7 @@ def test_the_service_refuses_a_save_over_quota_and_lists_past_damage(engine, tin
 
 
 def test_the_sdk_raises_the_quota_error_instead_of_retrying(engine, tiny_model_dir, tmp_path):
-    """The official SDK against the routes (served in process: the serve flags do not set a quota yet)."""
+    """The official SDK against the routes (served in process, with a quota of one checkpoint)."""
     import socket
     import threading
 
@@ -411,9 +461,10 @@ def test_the_sdk_raises_the_quota_error_instead_of_retrying(engine, tiny_model_d
         tc = client.create_lora_training_client(base_model=str(tiny_model_dir), rank=2, seed=0).result(timeout=60)
         tc.save_state("first").result(timeout=60)
         started = time.monotonic()
-        with pytest.raises(tinker.RequestFailedError, match="quota exceeded") as info:
+        with pytest.raises(tinker.APIStatusError, match="quota exceeded") as info:  # the save request's 413
             tc.save_state("second").result(timeout=60)
         assert time.monotonic() - started < 30, "the SDK retried a quota refusal"
+        assert info.value.status_code == 413 and info.value.body["category"] == "user"
         assert "1 checkpoints" in str(info.value) and "delete" in str(info.value)
         rest = tinker.RestClient(base_url=f"http://127.0.0.1:{port}", api_key="tml-quota")
         rest.delete_checkpoint_from_tinker_path(f"tinker://{tc.model_id}/weights/first").result(timeout=60)

@@ -4,12 +4,16 @@ its own checkpoints, into its own adapters."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 from fastapi import APIRouter
 
 from ..bodies import LimitedBodyRoute
+from ..checkpoints import age_recipients, checkpoint_ref
 from ..exceptions import UserError
+from ..ownership import LiveModel, TenantView
 from ..schemas import (
     LoadWeightsBody,
     SaveExternalBody,
@@ -23,19 +27,62 @@ from .models import run_id
 router = APIRouter(route_class=LimitedBodyRoute)
 
 
+def refuse_over_quota(view: TenantView, model: LiveModel, kind: str, name: str, overwrite: bool) -> None:
+    """Answer a save the caller's quota cannot take with a 413 on the request itself, before it is queued.
+
+    The adapter's tensors are a lower bound on what any save of it writes (its optimizer state and
+    metadata come on top), so this never refuses a save that would fit; the store checks again with the
+    exact size when it writes, since other saves may land in between. An adapter still being built has
+    no tensors yet, and then only the count is checked here.
+    """
+    adapter_bytes = sum(p.numel() * p.element_size() for p in model.params)
+    view.engine.store.check_quota(checkpoint_ref(model.model_id, kind, name), adapter_bytes, overwrite)
+
+
+def then(future: Future, fn: Callable[[Any], Any]) -> Future:
+    """A future of ``fn(result)``, run where ``future`` completes (the engine's worker), failing as either fails.
+
+    ``fn`` runs even when the caller has cancelled the returned future meanwhile: what it finishes (encrypting
+    an export already written) must not be left half done. Cancelling the returned future cancels ``future``
+    too while it is still queued.
+    """
+    out: Future = Future()
+
+    def chain(done: Future) -> None:
+        error: BaseException | None = None
+        try:
+            result = fn(done.result())
+        except BaseException as exc:  # the worker's own exception, or fn's
+            result, error = None, exc
+        if out.set_running_or_notify_cancel():
+            if error is None:
+                out.set_result(result)
+            else:
+                out.set_exception(error)
+
+    out.add_done_callback(lambda f: f.cancelled() and future.cancel())
+    future.add_done_callback(chain)
+    return out
+
+
 @router.post("/api/v1/save_weights")
-async def save_weights(body: SaveWeightsBody, view: Owned) -> dict[str, Any]:
+def save_weights(body: SaveWeightsBody, view: Owned) -> dict[str, Any]:
+    """Plain ``def``: the quota check reads storage, so FastAPI runs it off the event loop."""
     model = view.model(body.model_id)
     name = body.path or f"step-{model.steps:06d}-{uuid.uuid4().hex[:6]}"
+    refuse_over_quota(view, model, "weights", name, body.overwrite)
     future = view.engine.save_state(body.model_id, name, body.overwrite, body.user_metadata, body.ttl_seconds)
     return view.submit(future, lambda p: {"type": "save_weights", "path": p}, "save_weights", model_id=body.model_id)
 
 
 @router.post("/api/v1/save_weights_for_sampler")
-async def save_weights_for_sampler(body: SaveForSamplerBody, view: Owned) -> dict[str, Any]:
+def save_weights_for_sampler(body: SaveForSamplerBody, view: Owned) -> dict[str, Any]:
+    """A named snapshot is written to disk (and replaces one of that name), so it passes the quota check."""
     model = view.model(body.model_id)
     if body.path is None and body.sampling_session_seq_id is None:
         raise UserError("save_weights_for_sampler needs a path (name) or a sampling_session_seq_id")
+    if body.path is not None:
+        refuse_over_quota(view, model, "sampler_weights", body.path, overwrite=True)
     future = view.engine.save_for_sampler(body.model_id, body.path, body.user_metadata, body.ttl_seconds)
     sampler_id = f"{model.session_id}:sample:{body.sampling_session_seq_id}" if body.path is None else None
 
@@ -49,11 +96,15 @@ async def save_weights_for_sampler(body: SaveForSamplerBody, view: Owned) -> dic
 
 
 @router.post("/api/v1/save_weights_external")
-async def save_weights_external(body: SaveExternalBody, view: Owned) -> dict[str, Any]:
-    if body.age_encryption_recipients:
-        raise UserError("age encryption of exported weights is not implemented by this service")
-    view.model(body.model_id)
+def save_weights_external(body: SaveExternalBody, view: Owned) -> dict[str, Any]:
+    """A PEFT directory; with ``age_encryption_recipients``, every file encrypted to them as ``<file>.age``."""
+    model = view.model(body.model_id)
+    recipients = age_recipients(body.age_encryption_recipients or [])
+    refuse_over_quota(view, model, "external_weights", body.path, overwrite=False)
     future = view.engine.save_external(body.model_id, body.path, body.ttl_seconds)
+    if recipients:
+        ref, store = checkpoint_ref(body.model_id, "external_weights", body.path), view.engine.store
+        future = then(future, lambda out: (out[0], store.encrypt_export(ref, recipients)))
     return view.submit(
         future, lambda out: {"type": "save_weights_external", "path": out[0], "size_bytes": out[1]},
         "save_weights_external", model_id=body.model_id,
