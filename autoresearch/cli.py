@@ -172,16 +172,16 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _dashboard(args: argparse.Namespace) -> int:
-    from optuna.artifacts import FileSystemArtifactStore
     from optuna_dashboard import run_server
 
+    from .artifacts import open_artifact_store
     from .study import make_storage
 
     spec = load_spec(args.study)
     _open(spec)
-    spec.artifact_dir.mkdir(parents=True, exist_ok=True)
+    store = open_artifact_store(spec)
     print(f"optuna-dashboard for {spec.name} on http://{args.host}:{args.port}", file=sys.stderr)
-    run_server(make_storage(spec), host=args.host, port=args.port, artifact_store=FileSystemArtifactStore(spec.artifact_dir))
+    run_server(make_storage(spec), host=args.host, port=args.port, artifact_store=store)
     return 0
 
 

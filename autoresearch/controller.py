@@ -28,7 +28,7 @@ from .review import record_study_context, write_trial_note
 from .spec import StudySpec
 from .study import Tally, make_storage, open_study, record_study_file, retry_failed_trials, tally
 from .trainer_service import TrainerService, check_reachable, start_trainer
-from .worker import PROGRESS_ATTR
+from .recording import PROGRESS_ATTR
 
 PROGRESS_S = 1.0
 """How often the controller reads its running trials' progress (the workers copy it about this often)."""
@@ -45,7 +45,7 @@ class RunObserver:
         """A trial was asked and its worker is being launched; ``trial`` has its params and proposer attrs."""
 
     def progress(self, number: int, progress: dict[str, Any]) -> None:
-        """A running trial's latest step, as its worker recorded it (``worker.step_progress``)."""
+        """A running trial's latest step, as its worker recorded it (``recording.step_progress``)."""
 
     def ended(self, trial: FrozenTrial) -> None:
         """A trial's worker is gone and the trial settled: COMPLETE, PRUNED or FAIL with ``failure_reason``."""

@@ -2,37 +2,27 @@
 
 The reward is the knob the LLM may turn, the held-out execution accuracy is
 the objective it may not; a trial where the two part ways is one whose reward
-weights pay for something other than correct SQL. The curves come from the
-trial's ``metrics.jsonl`` (written by ``run_trial``). On a small held-out set
-accuracy moves by whole examples, so when the set's size is recorded a fall
-counts only beyond two standard errors of the difference of two accuracies:
-a flag on every noisy trial would teach its readers to ignore it.
+weights pay for something other than correct SQL. The curves are the trial's
+``curves`` user attr, which its worker derives from the points ``run_trial``
+writes (``metrics.jsonl``, see recording.py), so they are in the study's
+storage wherever the trial ran. On a small held-out set accuracy moves by
+whole examples, so when the set's size is recorded a fall counts only beyond
+two standard errors of the difference of two accuracies: a flag on every
+noisy trial would teach its readers to ignore it.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable
 
 from optuna.trial import FrozenTrial
 
-METRICS_FILE = "metrics.jsonl"
-"""The trial folder's points, one JSON object a line, as ``run_trial`` writes them (trial/outputs.py)."""
-
-
-def _points(run_dir: str | Path | None) -> list[dict]:
-    path = Path(run_dir) / METRICS_FILE if run_dir else None
-    if path is None or not path.is_file():
-        return []
-    points = []
-    for line in path.read_text().splitlines():
-        try:
-            points.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a killed worker
-    return points
+CURVES_ATTR = "curves"
+"""The trial's :class:`Curves` as a user attr (``{"train": [...], "held": [...], "n_eval": n}``)."""
+LEGACY_RUN_DIR_ATTR = "run_dir"
+"""What trials of an earlier autoresearch recorded instead: the absolute path of a folder holding the curves."""
 
 
 @dataclass(frozen=True)
@@ -51,9 +41,9 @@ class Curves:
     n_eval: int | None
 
 
-def read_curves(run_dir: str | Path | None) -> Curves:
-    """The curves in the trial folder's ``metrics.jsonl``, read once."""
-    points = _points(run_dir)
+def curves_of(points: Iterable[dict[str, Any]]) -> Curves:
+    """The curves in a trial's points, as ``run_trial`` records them (one ``metrics.jsonl`` line each)."""
+    points = list(points)
     train = [float(p["reward_mean"]) for p in points if p.get("phase") == "rl" and "reward_mean" in p]
     warmed_up = any(p.get("phase") == "sft" for p in points)
     start = [p for p in points if p.get("phase") == ("sft_eval" if warmed_up else "untrained")][:1]
@@ -61,6 +51,22 @@ def read_curves(run_dir: str | Path | None) -> Curves:
     held = [float(p.get("eval_execution_accuracy", p.get("untrained_execution_accuracy"))) for p in evals]
     sizes = [int(p["n_eval"]) for p in evals if p.get("n_eval")]
     return Curves(train, held, min(sizes) if sizes else None)
+
+
+def curves_attr(curves: Curves) -> dict[str, Any]:
+    """The curves as the trial's ``curves`` user attr."""
+    return asdict(curves)
+
+
+def trial_curves(trial: FrozenTrial) -> Curves | None:
+    """The curves the trial's worker recorded in the storage, or None (none recorded)."""
+    recorded = trial.user_attrs.get(CURVES_ATTR)
+    return None if recorded is None else Curves(list(recorded["train"]), list(recorded["held"]), recorded["n_eval"])
+
+
+def curves_in_files_only(trial: FrozenTrial) -> bool:
+    """Whether the trial is an earlier autoresearch's, whose curves stayed in a run folder's files."""
+    return CURVES_ATTR not in trial.user_attrs and LEGACY_RUN_DIR_ATTR in trial.user_attrs
 
 
 def noise(accuracy: float, n_eval: int | None) -> float:
@@ -82,5 +88,6 @@ def hacking_evidence(curves: Curves) -> str | None:
 
 
 def reward_hacking(trial: FrozenTrial) -> str | None:
-    """Why ``trial`` looks like reward hacking, or None."""
-    return hacking_evidence(read_curves(trial.user_attrs.get("run_dir")))
+    """Why ``trial`` looks like reward hacking, or None (also when it recorded no curves)."""
+    curves = trial_curves(trial)
+    return None if curves is None else hacking_evidence(curves)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.axis import Axis
 
 
 def pyplot() -> ModuleType:
@@ -12,3 +16,10 @@ def pyplot() -> ModuleType:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def integer_ticks(axis: "Axis") -> None:
+    """Ticks at whole numbers only: steps and trial numbers, which matplotlib would tick at 0.5 when few."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .plots import pyplot
-from .hacking import reward_hacking
+from .plots import integer_ticks, pyplot
+from .hacking import curves_in_files_only, reward_hacking
 from .proposers.scheduler import HYPOTHESES_ATTR
 from .params import distributions
 from .review import METRIC_NAME, short
@@ -28,10 +28,8 @@ MIN_TRIALS_FOR_IMPORTANCES = 10
 
 def _save(ax: "Axes", path: Path, *, integer_x: bool) -> None:
     """Write one of Optuna's matplotlib plots to ``path``; trial numbers and RL steps get whole-number ticks."""
-    from matplotlib.ticker import MaxNLocator
-
     if integer_x:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        integer_ticks(ax.xaxis)
     fig = ax.figure
     fig.set_size_inches(8, 3.5)  # room for Optuna's legend, which it draws right of the axes
     fig.tight_layout()
@@ -219,11 +217,19 @@ def _proposers(study: optuna.Study, trials: list[FrozenTrial]) -> list[str]:
 
 
 def _hacking(trials: list[FrozenTrial]) -> list[str]:
-    """Trials whose training reward rose while held-out accuracy fell."""
+    """Trials whose training reward rose while held-out accuracy fell, and a note on those it cannot check."""
     flagged = [(t, reason) for t in trials if (reason := reward_hacking(t))]
-    if not flagged:
+    unchecked = [f"#{t.number}" for t in trials if curves_in_files_only(t)]
+    if not flagged and not unchecked:
         return []
-    lines = ["## Possible reward hacking", "", "| trial | proposer | evidence | reward config |", "| --- | --- | --- | --- |"]
-    lines += [f"| #{t.number} | {t.user_attrs.get('proposer', 'sampler')} | {reason} | "
-              f"{_cell(t.user_attrs.get('reward_config', ''))} |" for t, reason in flagged]
+    lines = ["## Possible reward hacking", ""]
+    if flagged:
+        lines += ["| trial | proposer | evidence | reward config |", "| --- | --- | --- | --- |"]
+        lines += [f"| #{t.number} | {t.user_attrs.get('proposer', 'sampler')} | {reason} | "
+                  f"{_cell(t.user_attrs.get('reward_config', ''))} |" for t, reason in flagged]
+    else:
+        lines += ["None found among the trials checked."]
+    if unchecked:
+        lines += ["", f"Not checked: {', '.join(unchecked)}, recorded by an earlier autoresearch, which kept their "
+                  "curves only in files of their run folder, not in the study's storage."]
     return lines + [""]

@@ -11,11 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 import optuna
-from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.artifacts import upload_artifact
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial
 
+from .artifacts import open_artifact_store
 from .proposers.scheduler import LLM
 from .spec import StudySpec
 
@@ -50,8 +51,7 @@ def record_study_context(study: optuna.Study, spec: StudySpec, space: dict[str, 
     study.set_metric_names([METRIC_NAME])
     text = spec.path.read_text()
     if study.user_attrs.get(STUDY_FILE_TEXT_ATTR) != text:
-        spec.artifact_dir.mkdir(parents=True, exist_ok=True)
-        upload_artifact(artifact_store=FileSystemArtifactStore(spec.artifact_dir), file_path=str(spec.path),
+        upload_artifact(artifact_store=open_artifact_store(spec), file_path=str(spec.path),
                         study_or_trial=study, mimetype="text/plain")
         study.set_user_attr(STUDY_FILE_TEXT_ATTR, text)
     study.set_user_attr(DATASET_ATTR, spec.dataset.model_dump())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Union
@@ -22,6 +23,8 @@ OBJECTIVE_METRIC = "eval_execution_accuracy"
 OBJECTIVE_DIRECTION = "maximize"
 DEFAULT_OBJECTIVE = "autoresearch.trial:run_trial"
 REWARD_PREFIX = "reward."
+BUCKET_SCHEMES = ("gs", "s3")
+"""The bucket URLs ``artifact_store`` takes: Google Cloud Storage and S3 (artifacts.py opens them)."""
 
 
 class SpecError(ValueError):
@@ -120,11 +123,23 @@ def from_env(value: str, where: str) -> str:
     return os.environ[name]
 
 
+class TinyModelSpec(_Strict):
+    """The size of the random Gemma-family model that ``base_model = "tiny"`` makes
+    (``python -m trainer_api make-tiny-model``): its attention heads are 32 wide, so the hidden size is
+    a multiple of 32. The defaults are the smallest model, the one the tests use; the tiny study asks for
+    a wider one, which learns far more per CPU second (studies/text2sql-tiny.toml)."""
+
+    hidden_size: int = Field(64, ge=64, le=4096, multiple_of=32)
+    num_layers: int = Field(2, ge=1, le=64)
+
+
 class TrainingSpec(_Strict):
     """The Tinker-compatible service: a URL, ``local`` (start one), or ``none`` (objectives that do not train)."""
 
     api: str = "local"
     base_model: str = "tiny"
+    tiny_model: TinyModelSpec = TinyModelSpec()
+    """Used only when ``base_model`` is ``tiny``."""
     api_key_source: str = Field("tml-autoresearch-local", alias="api_key")
     device: str | None = None
     sampler: Literal["torch", "vllm"] | None = None
@@ -320,6 +335,8 @@ class StudySpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     storage: str | None = None
     run_dir: Path | None = None
+    # Where trial files go: gs://BUCKET, s3://BUCKET, or a folder (relative to the study file); see artifacts.py.
+    artifact_store: str | None = None
     objective: str = DEFAULT_OBJECTIVE
     metric: Literal["eval_execution_accuracy"] = OBJECTIVE_METRIC
     direction: Literal["maximize"] = OBJECTIVE_DIRECTION
@@ -355,6 +372,27 @@ class StudySpec(_Strict):
             raise ValueError("must look like 'package.module:function'")
         return value
 
+    @field_validator("artifact_store")
+    @classmethod
+    def _artifact_store(cls, value: str | None) -> str | None:
+        """A folder, or a bucket named alone (``gs://BUCKET``, ``s3://BUCKET``; a trailing slash is dropped)."""
+        if value is None:
+            return None
+        if not value.strip():
+            raise ValueError("must name a folder, gs://BUCKET or s3://BUCKET")
+        if value.startswith(ENV_PREFIX):
+            raise ValueError("takes no env: value: name the bucket or folder itself (not a secret; every pod reads "
+                             "it from its copy of the study file)")
+        scheme, separator, rest = value.partition("://")
+        if not separator:
+            return value
+        if scheme not in BUCKET_SCHEMES:
+            raise ValueError(f"{value!r}: a bucket is gs://BUCKET or s3://BUCKET; a folder is a plain path")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*/?", rest):
+            raise ValueError(f"{value!r}: name the bucket alone; Optuna's GCS and S3 stores keep artifacts at the "
+                             "bucket's root, which is where optuna-dashboard reads them")
+        return f"{scheme}://{rest.rstrip('/')}"
+
     @field_validator("reward_space")
     @classmethod
     def _reward_bounds(cls, ranges: dict[str, RewardRange]) -> dict[str, RewardRange]:
@@ -382,6 +420,10 @@ class StudySpec(_Strict):
         if self.launcher == "kubernetes" and (self.storage or "sqlite").startswith("sqlite"):
             raise ValueError("launcher = \"kubernetes\" needs a 'storage' database that trial pods reach "
                              "(PostgreSQL or MySQL, e.g. \"env:AUTORESEARCH_STORAGE_URL\"), not a SQLite file")
+        if self.launcher == "kubernetes" and self.artifact_store is None:
+            raise ValueError("launcher = \"kubernetes\" needs an 'artifact_store' that trial pods, the controller and "
+                             "the dashboard share (gs://BUCKET, s3://BUCKET, or a folder on a volume every pod mounts): "
+                             "the default folder inside the run folder would stay in each trial's pod")
         if self.launcher == "kubernetes" and self.training.api == "local":
             raise ValueError("launcher = \"kubernetes\": trial pods cannot reach a training API the controller starts; "
                              "set training.api to its Service URL (or 'none')")
@@ -406,8 +448,14 @@ class StudySpec(_Strict):
         return url
 
     @property
-    def artifact_dir(self) -> Path:
-        return self.run_folder / "artifacts"
+    def artifact_dir(self) -> Path | None:
+        """The folder of a filesystem artifact store (``<run folder>/artifacts`` by default); None for a bucket."""
+        if self.artifact_store is None:
+            return self.run_folder / "artifacts"
+        if self.artifact_store.partition("://")[1]:
+            return None
+        folder = Path(self.artifact_store).expanduser()
+        return folder if folder.is_absolute() else (self._path.parent / folder).resolve()
 
     def trial_dir(self, number: int) -> Path:
         return self.run_folder / "trials" / f"{number:05d}"

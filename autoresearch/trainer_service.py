@@ -62,12 +62,17 @@ def _env() -> dict[str, str]:
 
 
 def base_model_path(spec: StudySpec) -> str:
-    """``tiny`` means a small random Gemma written once into the run folder; anything else is an id or directory."""
+    """``tiny`` means a small random Gemma written once into the run folder; anything else is an id or directory.
+
+    The folder is named by the model's size, so a study file whose ``[training.tiny_model]`` changed gets
+    a new model instead of silently serving the old one."""
     if spec.training.base_model != "tiny":
         return spec.training.base_model
-    folder = spec.run_folder / "tiny-model"
+    size = spec.training.tiny_model
+    folder = spec.run_folder / f"tiny-model-h{size.hidden_size}-l{size.num_layers}"
     if not (folder / "config.json").exists():
-        made = subprocess.run(_command("make-tiny-model", str(folder)), env=_env(), capture_output=True, text=True)
+        made = subprocess.run(_command("make-tiny-model", str(folder), "--hidden-size", str(size.hidden_size),
+                                       "--num-layers", str(size.num_layers)), env=_env(), capture_output=True, text=True)
         if made.returncode != 0:
             last = (made.stderr.strip().splitlines() or ["no output"])[-1]
             raise TrainerStartError(f"python -m trainer_api make-tiny-model failed: {last}")

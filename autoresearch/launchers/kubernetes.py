@@ -6,9 +6,10 @@ list-then-watch by label selector, and lists again when the API server answers
 wakes as soon as a Job changes and never blocks on the network, even while the
 API server is down (creating, deleting and reading logs are calls of the
 controller's thread, each bounded by ``API_TIMEOUT``). A finished Job's pod logs are
-copied into the trial folder (``pod.log``; an Optuna artifact too when the
-trial is still running, i.e. its worker died before telling) together
-with the Job's final status (``job.json``), and the Job is then deleted with
+copied into the trial folder as ``<job>.log`` and uploaded to the study's artifact
+store (as the trial's artifact when its worker died before telling, else as the
+study's: Optuna takes artifacts for running trials only), the Job's final status
+into ``job.json``, and the Job is then deleted with
 Background propagation; ``ttlSecondsAfterFinished`` cleans up after a
 controller that died. Exit codes the controller sees: 0 for a Complete Job,
 the trial container's exit code for a Failed one, 124 when the Job ran past
@@ -26,18 +27,19 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
-from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from urllib3.exceptions import HTTPError, ReadTimeoutError
 
+from ..artifacts import open_artifact_store, upload_files
 from ..spec import KubernetesSpec, SpecError, StudySpec
-from ..study import make_storage
+from ..study import make_storage, open_study
 from . import EXIT_CONFIG_ERROR, EXIT_TIMEOUT
 from .k8s_jobs import (ATTEMPT_LABEL, CONTAINER, JOB_NAME_LABEL, NUMBER_LABEL, STUDY_LABEL,
                        anchor_manifest, job_manifest, job_name, study_selector, study_slug)
@@ -287,6 +289,7 @@ class KubernetesLauncher:
         self._batch, self._core = client.BatchV1Api(api), client.CoreV1Api(api)
         self._watch = JobWatch(self._batch, self._k.namespace, self._slug)
         self._storage = make_storage(spec, schema_checked=True)
+        self._artifacts = open_artifact_store(spec)
         self._owner_uid: str | None = None
         self._seen = 0
 
@@ -427,7 +430,8 @@ class KubernetesLauncher:
         self._delete(worker.job)  # also when the create timed out: it may have made the Job; 404 is ignored
 
     def _copy_logs(self, worker: KubernetesWorker) -> int | None:
-        """Write every pod's log into the trial's ``pod.log`` (oldest first); return the last pod's exit code."""
+        """Write every pod's log (oldest first) into the trial folder's ``<job>.log`` and upload it to the study's
+        artifact store; return the last pod's exit code."""
         try:
             listed = self._core.list_namespaced_pod(self._k.namespace, label_selector=f"{JOB_NAME_LABEL}={worker.job}",
                                                     _preload_content=False, _request_timeout=API_TIMEOUT)
@@ -447,17 +451,25 @@ class KubernetesLauncher:
             except API_ERRORS as error:  # a pod that never started has no log
                 text = f"(no log: {_api_error(error)})\n"
             parts.append(f"==> pod {pod['metadata']['name']} <==\n{text}")
-        path = self._spec.trial_dir(worker.number) / "pod.log"
+        path = self._spec.trial_dir(worker.number) / f"{worker.job}.log"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(parts))
-        trial = self._storage.get_trial(worker.trial_id)
-        # Optuna takes artifacts for running trials only: a pod that died before its worker told gets its
-        # log in the dashboard, which is where it matters; every log is in the trial folder.
-        if trial.state == TrialState.RUNNING:
-            self._spec.artifact_dir.mkdir(parents=True, exist_ok=True)
-            upload_artifact(artifact_store=FileSystemArtifactStore(str(self._spec.artifact_dir)),
-                            file_path=str(path), study_or_trial=trial, storage=self._storage, mimetype="text/plain")
+        self._upload_log(worker, path)
         return _exit_code(pods[-1])
+
+    def _upload_log(self, worker: KubernetesWorker, path: Path) -> None:
+        """The log as the trial's artifact while the trial runs (its worker died before telling), else as the
+        study's, named after the Job: Optuna takes artifacts for running trials only. A store that fails is
+        logged: the log is in the trial folder, and the trial's result does not depend on it."""
+        trial = self._storage.get_trial(worker.trial_id)
+        try:
+            if trial.state == TrialState.RUNNING:
+                upload_files(self._artifacts, [path], trial, self._storage)
+            else:
+                upload_files(self._artifacts, [path], open_study(self._spec, self._storage))
+        except Exception as error:  # noqa: BLE001 - a bucket's SDK raises its own errors (permissions, network)
+            log.warning("kubernetes: the log of Job %s did not reach the artifact store (%s: %s)", worker.job,
+                        type(error).__name__, error)
 
     def _record(self, worker: KubernetesWorker, job: dict[str, Any] | None) -> None:
         path = self._spec.trial_dir(worker.number) / "job.json"

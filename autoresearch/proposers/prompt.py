@@ -10,7 +10,6 @@ record/replay cassette keyed by the prompt's hash replays a study exactly.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any, Sequence
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
@@ -18,10 +17,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..spec import REWARD_PREFIX, StudySpec
 from .base import Prompt
-from ..hacking import hacking_evidence, read_curves
+from ..hacking import hacking_evidence, trial_curves
+from ..recording import WRONG_PREDICTIONS_ATTR
 
 OPEN, CLOSE = "<<<UNTRUSTED>>>", "<<<END UNTRUSTED>>>"
-SAMPLE_PREDICTIONS = 3
 
 SYSTEM = f"""You are a machine-learning researcher running a hyperparameter study of RL post-training (GRPO with \
 LoRA) of a language model for text-to-SQL. You propose the next experiments, each with a short rationale, the \
@@ -92,13 +91,12 @@ def trial_record(trial: FrozenTrial, quote_chars: int) -> dict[str, Any]:
     for key in ("untrained_eval_execution_accuracy", "train_reward_mean"):
         if attrs.get(key) is not None:
             record[key] = _round(attrs[key])
-    curves = read_curves(attrs.get("run_dir"))
-    train, held = curves.train, curves.held
-    if train:
-        record["train_reward_first_last"] = [_round(train[0]), _round(train[-1])]
-    if held:
-        record["held_out_first_last"] = [_round(held[0]), _round(held[-1])]
-    hacking = hacking_evidence(curves)
+    curves = trial_curves(trial)
+    if curves is not None and curves.train:
+        record["train_reward_first_last"] = [_round(curves.train[0]), _round(curves.train[-1])]
+    if curves is not None and curves.held:
+        record["held_out_first_last"] = [_round(curves.held[0]), _round(curves.held[-1])]
+    hacking = None if curves is None else hacking_evidence(curves)
     if hacking:
         record["reward_hacking"] = hacking
     if trial.state == TrialState.FAIL and attrs.get("failure_reason"):
@@ -109,23 +107,11 @@ def trial_record(trial: FrozenTrial, quote_chars: int) -> dict[str, Any]:
 
 
 def _sample_predictions(trial: FrozenTrial, quote_chars: int) -> list[dict[str, Any]]:
-    """A few held-out examples the trial got wrong, quoted as untrusted."""
-    path = Path(trial.user_attrs.get("run_dir") or "/nonexistent") / "predictions.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("verdict") not in ("match", "gold_error"):  # a broken example is no mistake of the model
-            rows.append({"question": untrusted(row.get("question", ""), quote_chars),
-                         "prediction": untrusted(row.get("prediction", ""), quote_chars),
-                         "verdict": str(row.get("verdict", ""))})
-        if len(rows) == SAMPLE_PREDICTIONS:
-            break
-    return rows
+    """The held-out examples the trial got wrong, as its worker recorded them (recording.py), quoted as untrusted."""
+    return [{"question": untrusted(row.get("question", ""), quote_chars),
+             "prediction": untrusted(row.get("prediction", ""), quote_chars),
+             "verdict": str(row.get("verdict", ""))}
+            for row in trial.user_attrs.get(WRONG_PREDICTIONS_ATTR) or []]
 
 
 def build_prompt(spec: StudySpec, space: dict[str, BaseDistribution], trials: Sequence[FrozenTrial],

@@ -11,7 +11,7 @@ Its parts: ``data`` (the splits), ``policy`` (the adapter through the SDK) and
 ``service_routes`` (the service's routes the SDK lacks), ``grpo`` (the
 arithmetic and the training data, pure), ``steps`` (one SFT or GRPO step),
 ``evaluation`` (held-out predictions and what is recorded of them),
-``outputs`` (the trial folder and its artifacts) and ``run`` (the loop).
+``outputs`` (the files of the trial folder) and ``run`` (the loop).
 """
 
 from __future__ import annotations

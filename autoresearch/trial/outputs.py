@@ -1,5 +1,8 @@
-"""What a trial leaves in its folder (``metrics.jsonl``, ``predictions.jsonl``, ``learning_curve.png``) and
-uploads to the study's artifact store for optuna-dashboard."""
+"""What a trial leaves in its folder: ``metrics.jsonl``, ``predictions.jsonl`` and ``learning_curve.png``.
+
+In a study, the worker copies them into the study's storage and artifact store (autoresearch/recording.py),
+so the folder may be a trial pod's, gone with it.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +10,21 @@ import json
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
-import optuna
-from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from ..plots import integer_ticks, pyplot
+from ..recording import LEARNING_CURVE, METRICS, PREDICTIONS
 
-from ..plots import pyplot
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
-METRICS, PREDICTIONS, LEARNING_CURVE = "metrics.jsonl", "predictions.jsonl", "learning_curve.png"
+__all__ = ["LEARNING_CURVE", "METRICS", "PREDICTIONS", "MetricsLog", "draw_learning_curve", "learning_curve",
+           "write_predictions"]
 
 
 class MetricsLog:
     """The trial's points, each appended to ``metrics.jsonl`` and flushed as it is recorded, so that a killed
-    trial's curves are still there to read (``hacking.read_curves`` reads them)."""
+    trial's points are still there (the worker mirrors them into the storage as they come)."""
 
     def __init__(self, run_dir: Path, started: float) -> None:
         """``started``: the trial's ``time.monotonic()`` start, from which each point's ``seconds`` count."""
@@ -49,26 +54,23 @@ def write_predictions(run_dir: Path, rows: Iterable[dict[str, Any]]) -> None:
         out.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-def learning_curve(points: list[dict[str, Any]], path: Path) -> None:
+def draw_learning_curve(points: list[dict[str, Any]]) -> "Axes":
     """Training reward per RL step and held-out accuracy (after the warm-up, then during RL) on one plot."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = pyplot().subplots(figsize=(6, 3.5))
     rl = [p for p in points if p["phase"] == "rl"]
     if rl:
         ax.plot([p["step"] for p in rl], [p["reward_mean"] for p in rl], label="train reward (mean)")
     evals = [p for p in points if "eval_execution_accuracy" in p]
     ax.plot([p["step"] for p in evals], [p["eval_execution_accuracy"] for p in evals], marker="o", label="held-out accuracy")
     ax.set(xlabel="RL step", title="Learning curve")
+    integer_ticks(ax.xaxis)  # steps are whole numbers, also when there are only a few of them
     ax.legend()
     fig.tight_layout()
+    return ax
+
+
+def learning_curve(points: list[dict[str, Any]], path: Path) -> None:
+    """Write the trial's learning curve (:func:`draw_learning_curve`) as a PNG."""
+    fig = draw_learning_curve(points).figure
     fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def upload(trial: optuna.Trial, artifact_dir: Path, run_dir: Path) -> None:
-    """Attach the trial's outputs to it in the study's artifact store, so optuna-dashboard shows them."""
-    artifact_dir.mkdir(parents=True, exist_ok=True)
-    store = FileSystemArtifactStore(artifact_dir)
-    for name in (METRICS, LEARNING_CURVE, PREDICTIONS):
-        if (run_dir / name).exists():
-            upload_artifact(artifact_store=store, file_path=str(run_dir / name), study_or_trial=trial)
+    pyplot().close(fig)

@@ -17,7 +17,7 @@ from ..spec import DatasetSpec
 from ..stats import Accuracy, accuracy
 from .data import load_examples
 from .evaluation import examples_digest, predict, summary
-from .outputs import LEARNING_CURVE, MetricsLog, learning_curve, upload, write_predictions
+from .outputs import LEARNING_CURVE, MetricsLog, learning_curve, write_predictions
 from .policy import Policy, open_policy
 from .service_routes import check_service
 from .steps import rl_step, sft_step
@@ -91,7 +91,6 @@ def run_trial(
     optuna_trial: optuna.Trial | None = None,
     base_model: str | None = None,
     api_key: str = "tml-autoresearch-local",
-    artifact_dir: str | Path | None = None,
     scoring_workers: int = 1,
 ) -> dict[str, Any]:
     """Train one LoRA adapter with ``params`` and return its metrics; ``objective`` is held-out execution accuracy.
@@ -114,8 +113,9 @@ def run_trial(
     - ``run_dir``: the trial folder for ``metrics.jsonl``, predictions and the learning curve (``runs/trial``,
       relative to the working directory).
     - ``optuna_trial``: None. With one, each evaluation is reported (``optuna.TrialPruned`` is raised when the
-      pruner says stop), what the evaluations found is set as user attrs, and the outputs are uploaded as
-      artifacts to a FileSystemArtifactStore at ``artifact_dir`` (None: not uploaded).
+      pruner says stop) and what the evaluations found is set as user attrs. In a study, the worker copies
+      the folder's curves and wrong predictions into the study's storage and its files to the study's
+      artifact store.
     - ``base_model``: None, the service's first (a local service's only) model.
     - ``api_key``: ``tml-autoresearch-local``, the key a study's local service gets by default.
     - ``scoring_workers``: 1 scoring process.
@@ -168,8 +168,6 @@ def run_trial(
             policy.release()
             if log.points:
                 learning_curve(log.points, run_dir / LEARNING_CURVE)
-            if optuna_trial is not None and artifact_dir is not None:
-                upload(optuna_trial, Path(artifact_dir), run_dir)
     points = log.points
     result = {
         "objective": final.value,

@@ -16,8 +16,8 @@ RUN useradd --create-home --uid 10001 --user-group app
 WORKDIR /app
 COPY . /app
 # Study files name their run folder relative to themselves (studies/runs/<name>): the one
-# folder the app user writes under /app.
-RUN pip install --no-cache-dir . \
+# folder the app user writes under /app. The gcs extra: the GCS artifact store of the gke study.
+RUN pip install --no-cache-dir '.[gcs]' \
     && mkdir -p /app/studies/runs \
     && chown app:app /app/studies/runs
 

@@ -1,9 +1,11 @@
-"""optuna-dashboard in a real browser: a finished study's metric name, trial notes and artifacts are rendered.
+"""optuna-dashboard on a finished study: it serves each trial's artifacts from the study's configured store,
+and in a real browser renders the metric name, trial notes and artifacts.
 
 The study is written by the controller's own functions (``record_study_context``, ``write_trial_note``) and
-the trial's outputs are uploaded by ``run_trial``'s (``trial.outputs.upload``); the dashboard is started as a
-user starts it, and headless Chromium (Debian's ``chromium`` package) renders its pages, React and all, before
-the test reads their DOM.
+the trial's outputs are uploaded by the worker's (``recording.keep_outputs``) to an artifact store outside
+the run folder (the study file's ``artifact_store``); the dashboard is started as a user starts it, and
+headless Chromium (Debian's ``chromium`` package) renders its pages, React and all, before the test reads
+their DOM.
 """
 
 from __future__ import annotations
@@ -17,25 +19,29 @@ from typing import Iterator
 
 import httpx
 import pytest
+from optuna.artifacts import get_all_artifact_meta
 
 from autoresearch.params import distributions
 from autoresearch.review import METRIC_NAME, record_study_context, short, write_trial_note
 from autoresearch.spec import StudySpec, load_spec
 from autoresearch.study import make_storage, open_study
-from autoresearch.trial.outputs import METRICS, upload
+from autoresearch.recording import METRICS, keep_outputs
 from tests.autoresearch.conftest import StudyFactory
 from tests.autoresearch.helpers import REPO, wait_for
 from trainer_api.process import free_port
 
 CHROMIUM = shutil.which("chromium")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed "
-                                                         "(Debian: apt-get install -y chromium)")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed "
+                                                            "(Debian: apt-get install -y chromium)")
 RATIONALE = "lower x was never tried"
+STORE = "artifact-store"
+"""The study file's artifact store: a folder beside it, outside the run folder."""
 
 
 def finished_study(path: Path) -> tuple[StudySpec, int]:
-    """A study of two complete trials, the sampler's and the LLM's, as the controller and run_trial record them;
-    its storage id."""
+    """A study of two complete trials, the sampler's and the LLM's, as the controller and its workers record
+    them; its storage id."""
+    path.write_text(f'artifact_store = "{STORE}"\n' + path.read_text())
     spec = load_spec(path)
     storage = make_storage(spec)
     study = open_study(spec, storage, create=True)
@@ -49,7 +55,7 @@ def finished_study(path: Path) -> tuple[StudySpec, int]:
         run_dir = spec.trial_dir(trial.number)
         run_dir.mkdir(parents=True)
         (run_dir / METRICS).write_text(json.dumps({"phase": "rl", "step": 0, "reward_mean": value}) + "\n")
-        upload(trial, spec.artifact_dir, run_dir)
+        keep_outputs(trial, spec, run_dir)
         study.tell(trial, value)
     return spec, storage.get_study_id_from_name(spec.name)
 
@@ -90,6 +96,17 @@ def dashboard(request: pytest.FixtureRequest, study_file: StudyFactory) -> Itera
         server.wait(timeout=10)
 
 
+def test_the_dashboard_serves_each_trials_artifacts_from_the_studys_store(dashboard: tuple[str, StudySpec, int]) -> None:
+    url, spec, study_id = dashboard
+    assert spec.artifact_dir == spec.path.parent / STORE and not (spec.run_folder / "artifacts").exists()
+    storage = make_storage(spec)
+    for trial in open_study(spec).trials:
+        [meta] = get_all_artifact_meta(trial, storage=storage)
+        served = httpx.get(f"{url}/artifacts/{study_id}/{trial._trial_id}/{meta.artifact_id}", timeout=10)
+        assert served.status_code == 200 and json.loads(served.text)["reward_mean"] == trial.value
+
+
+@needs_chromium
 def test_the_dashboard_renders_the_metric_name_notes_and_artifacts(dashboard: tuple[str, StudySpec, int]) -> None:
     url, spec, study_id = dashboard
     study_page = render(f"{url}/dashboard/studies/{study_id}")

@@ -52,12 +52,14 @@ memory = "20Gi"
 
 def write_study(folder: Path, *, name: str = "Text2SQL_gke.v1", storage: str = "env:AUTORESEARCH_STORAGE_URL",
                 api_key: str = "env:TINKER_API_KEY", api: str = "http://trainer-api.autoresearch.svc:8000",
-                launcher: str = "kubernetes", kube: str = MINIMAL, extra: str = "") -> Path:
+                launcher: str = "kubernetes", kube: str = MINIMAL, extra: str = "",
+                artifact_store: str | None = "gs://autoresearch-artifacts") -> Path:
     path = folder / "t.toml"
     path.write_text(textwrap.dedent(f"""
         name = "{name}"
         storage = "{storage}"
         launcher = "{launcher}"
+        {f'artifact_store = "{artifact_store}"' if artifact_store else ""}
         [space.learning_rate]
         type = "float"
         low = 1e-5
@@ -171,6 +173,7 @@ def test_study_file_outside_a_project_must_be_named(tmp_path: Path) -> None:
     ({"kube": ""}, "needs a [kubernetes] table"),
     ({"storage": "sqlite:///x.db"}, "needs a 'storage' database"),
     ({"api": "local"}, "trial pods cannot reach a training API"),
+    ({"artifact_store": None}, "needs an 'artifact_store' that trial pods, the controller and the dashboard share"),
     ({"kube": FULL.replace('memory = "20Gi"', '"nvidia.com/gpu" = 2')}, "requests and limits must be equal"),
     ({"kube": MINIMAL + 'namespace = "Bad_NS"\n'}, "kubernetes.namespace"),
     ({"kube": MINIMAL + "[kubernetes.resources.requests]\ncpu = \"lots\"\n"}, "kubernetes.resources.requests.cpu"),

@@ -3,13 +3,16 @@
 The tests play the cluster's part: they set Job status (ready pods, Complete,
 Failed, DeadlineExceeded), add pods with exit codes and logs, script watch
 streams (410 Gone), and, for the end-to-end runs, run each Job's trial worker
-the way a pod would. Studies live in PostgreSQL, as on a cluster.
+the way a pod would (in one run, each in a process and folder of its own, as
+pods have their own filesystems). Studies live in PostgreSQL, as on a cluster.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,15 +28,20 @@ import optuna
 import pytest
 import yaml
 from kubernetes import client
+from optuna.artifacts import download_artifact, get_all_artifact_meta
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from autoresearch.artifacts import open_artifact_store
 from autoresearch.controller import run_study
 from autoresearch.launchers import EXIT_TIMEOUT, make_launcher
 from autoresearch.launchers.k8s_jobs import JOB_NAME_LABEL, anchor_name, study_slug
 from autoresearch.launchers.kubernetes import EXIT_DELETED, EXIT_NEVER_STARTED, USER_AGENT, KubernetesLauncher
+from autoresearch.params import distributions
+from autoresearch.proposers.prompt import build_prompt, untrusted
+from autoresearch.report import write_report
 from autoresearch.spec import SpecError, StudySpec, load_spec
-from autoresearch.study import Tally, open_study
+from autoresearch.study import Tally, make_storage, open_study
 from autoresearch.worker import run_worker
 from tests.autoresearch.helpers import REPO, wait_for
 
@@ -109,12 +117,15 @@ def cluster() -> Iterator[Cluster]:
 
 def write_study(folder: Path, storage: str, host: str, *, objective: str = "tests.autoresearch.objectives:sleepy",
                 n_trials: int = 2, parallel: int = 2, start_deadline_s: float = 60, max_retries: int = 2) -> Path:
+    """The study file in ``folder``, with an artifact store (``folder/bucket``, an absolute path) that stands
+    for the bucket the controller and every pod share."""
     path = folder / "t.toml"
     path.write_text(textwrap.dedent(f"""
         name = "K8s_{uuid.uuid4().hex[:10]}"
         storage = "{storage}"
         objective = "{objective}"
         launcher = "kubernetes"
+        artifact_store = "{(folder / 'bucket').resolve()}"
         [space.x]
         type = "float"
         low = 0.0
@@ -192,10 +203,10 @@ def test_create_duplicate_watch_to_completion_and_log_copy(setup: Setup, cluster
     cluster.finish(name, "Complete", "CompletionsReached")
     setup.until(lambda: worker.exit_code() is not None, [worker], "the Job complete")
     assert worker.exit_code() == 0
-    log = (setup.spec.trial_dir(number) / "pod.log").read_text()
+    log = (setup.spec.trial_dir(number) / f"{name}.log").read_text()
     assert log.index(f"output of {name}-abcde") < log.index(f"output of {name}-zzzzz")
     assert json.loads(setup.study.trials[0].system_attrs[next(k for k in setup.study.trials[0].system_attrs
-                                                               if k.startswith("artifacts:"))])["filename"] == "pod.log"
+                                                               if k.startswith("artifacts:"))])["filename"] == f"{name}.log"
     assert [d.params.get("propagationPolicy") for d in cluster.deletes()] == ["Background"]
     assert cluster.jobs() == {}
 
@@ -276,7 +287,9 @@ def test_a_pruned_trial_ends_with_its_job_complete_and_deleted(setup: Setup, clu
     setup.study.tell(number, state=TrialState.PRUNED)  # what the worker in the pod does, then it exits 0
     cluster.finish(worker.job, "Complete", "CompletionsReached")
     setup.until(lambda: worker.exit_code() is not None, [worker], "the Job complete")
-    assert worker.exit_code() == 0 and (setup.spec.trial_dir(number) / "pod.log").exists()
+    assert worker.exit_code() == 0 and (setup.spec.trial_dir(number) / f"{worker.job}.log").exists()
+    # The trial was told before its Job ended: its log is the study's artifact, named after the Job.
+    assert [a.filename for a in get_all_artifact_meta(setup.study)] == [f"{worker.job}.log"]
     assert cluster.jobs() == {} and cluster.deletes()[0].params["propagationPolicy"] == "Background"
 
 
@@ -334,10 +347,14 @@ class Kubelet:
     ``plan`` maps (trial number, attempt) to ``crash`` (the pod dies without telling, exit 137), ``config``
     (the worker exits 2 on a bad study file; the Job's podFailurePolicy fails it at once) or
     ``preempt`` (the first pod is killed mid-trial, the Job starts a second one); anything else runs the worker.
+    With ``pod_roots``, each pod runs its Job's command in a process of its own, in a fresh folder under
+    ``pod_roots`` (its working directory and HOME) holding a copy of the study file where the image has it:
+    a filesystem of its own, as a real pod has, which the controller never sees.
     """
 
-    def __init__(self, cluster: Cluster, path: Path, plan: dict[tuple[int, int], str]) -> None:
-        self.cluster, self.path, self.plan = cluster, path, plan
+    def __init__(self, cluster: Cluster, path: Path, plan: dict[tuple[int, int], str],
+                 pod_roots: Path | None = None) -> None:
+        self.cluster, self.path, self.plan, self.pod_roots = cluster, path, plan, pod_roots
         self.seen: list[str] = []
         self.errors: list[BaseException] = []
         self._stop = threading.Event()
@@ -379,12 +396,24 @@ class Kubelet:
                     {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}])
                 self.cluster.set_status(name, active=1, ready=0)
                 self.cluster.set_status(name, active=1, ready=1)
-            code = run_worker(load_spec(self.path), number, None)
+            code = self._own_pod(job) if self.pod_roots else run_worker(load_spec(self.path), number, None)
             self.cluster.add_pod(name, f"{name}-2", exit_code=code, stamp="2026-01-01T00:05:00Z")
             self.cluster.finish(name, "Complete" if code == 0 else "Failed", "CompletionsReached" if code == 0
                                 else "BackoffLimitExceeded")
         except BaseException as error:  # noqa: BLE001 - reported by stop()
             self.errors.append(error)
+
+    def _own_pod(self, job: dict[str, Any]) -> int:
+        """Run the Job's container command and environment in the pod's own root; its exit code."""
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        root = self.pod_roots / job["metadata"]["name"]
+        study_file = root / load_spec(self.path).kubernetes.study_file_in_image
+        study_file.parent.mkdir(parents=True)
+        shutil.copy(self.path, study_file)
+        env = {**os.environ, **{e["name"]: e["value"] for e in container.get("env", [])}, "HOME": str(root),
+               "PYTHONPATH": str(REPO)}  # the image has the package installed; here it is imported from the checkout
+        command = [sys.executable, "-m", "autoresearch", *container["command"][1:]]
+        return subprocess.run(command, cwd=root, env=env, timeout=120).returncode
 
     def _preempted_pod(self, number: int) -> None:
         """A real worker process that reports step 0 and is then killed, as a node preemption would."""
@@ -400,9 +429,9 @@ class Kubelet:
 
 
 def run_with_kubelet(path: Path, cluster: Cluster, plan: dict[tuple[int, int], str],
-                     n_trials: int | None = None) -> tuple[Tally, Kubelet]:
+                     n_trials: int | None = None, pod_roots: Path | None = None) -> tuple[Tally, Kubelet]:
     """Run the study through the launcher while the Kubelet plays its pods; the final tally and the Kubelet."""
-    kubelet = Kubelet(cluster, path, plan)
+    kubelet = Kubelet(cluster, path, plan, pod_roots)
     try:
         state = run_study(load_spec(path), n_trials=n_trials, poll_s=0.2)
     finally:
@@ -424,7 +453,7 @@ def test_a_study_runs_through_jobs_and_a_crashed_pod_is_retried_once(tmp_path: P
     slug = study_slug(load_spec(path).name)
     assert f"{slug}-t{retry.number}-a1" in kubelet.seen  # the retry is attempt 1 of the same parameters
     assert len(kubelet.seen) == 4 and cluster.jobs() == {}  # every Job is deleted once its log is copied
-    assert all((load_spec(path).trial_dir(t.number) / "pod.log").exists() for t in trials)
+    assert all(list(load_spec(path).trial_dir(t.number).glob(f"{slug}-t{t.number}-a*.log")) for t in trials)
 
 
 def test_a_configuration_error_in_the_pod_fails_the_trial_without_a_retry(tmp_path: Path, postgres_url: str,
@@ -449,8 +478,59 @@ def test_a_preempted_trial_runs_again_without_counting_as_a_failure(tmp_path: Pa
     assert trial.state == TrialState.COMPLETE and trial.value == trial.params["x"]
     assert sorted(trial.intermediate_values) == [0, 1] and trial.user_attrs["retry_count"] == 0
     assert len(kubelet.seen) == 1
-    log = (load_spec(path).trial_dir(0) / "pod.log").read_text()
+    log = (load_spec(path).trial_dir(0) / f"{kubelet.seen[0]}.log").read_text()
     assert log.index(f"==> pod {kubelet.seen[0]}-1 <==") < log.index(f"==> pod {kubelet.seen[0]}-2 <==")
+
+
+TRIAL_FILES = {"metrics.jsonl", "predictions.jsonl", "learning_curve.png"}
+
+
+def test_trial_pods_on_filesystems_of_their_own_leave_everything_in_the_studys_storage(
+        tmp_path: Path, postgres_url: str, cluster: Cluster) -> None:
+    """Separate filesystems: the controller reads only the study's storage and artifact store, never a pod's files."""
+    controller_folder, pod_roots = tmp_path / "controller", tmp_path / "pods"
+    controller_folder.mkdir()
+    path = write_study(controller_folder, postgres_url, cluster.url, n_trials=3, parallel=2,
+                       objective="tests.autoresearch.k8s_objectives:hacked_trial_zero")
+    spec = load_spec(path)
+    state, kubelet = run_with_kubelet(path, cluster, {}, pod_roots=pod_roots)
+    assert (state.complete, state.settled) == (3, 3) and len(kubelet.seen) == 3
+    # Each pod wrote its trial folder on its own filesystem; the controller's run folder has none of those files.
+    for job in kubelet.seen:
+        assert {p.name for p in (pod_roots / job).rglob("*")} >= TRIAL_FILES
+    assert not {p.name for p in spec.run_folder.rglob("*")} & TRIAL_FILES
+    shutil.rmtree(pod_roots)  # the pods are gone, as on a cluster
+
+    study = open_study(spec)
+    trials = study.trials
+    assert [t.user_attrs["trial_dir"] for t in trials] == ["trials/00000", "trials/00001", "trials/00002"]
+    # The report flags the reward-hacked trial, and it alone.
+    text = write_report(spec, study, tmp_path / "report").read_text()
+    assert "| #0 | sampler | training reward rose 0.100 -> 0.900 while held-out accuracy fell 0.500 -> 0.100 " \
+           "(n=100) |" in text
+    assert "| #1 | sampler | training reward" not in text and "| #2 | sampler | training reward" not in text
+    # The proposer's prompt holds every trial's curves and the best trial's wrong predictions.
+    prompt = build_prompt(spec, distributions(spec), trials, None, 2).user
+    records = {r["trial"]: r for r in map(json.loads, (line for line in prompt.splitlines() if line.startswith('{"')))
+               if "trial" in r}
+    assert all(records[n]["train_reward_first_last"] == [0.1, 0.9] for n in range(3))
+    assert records[0]["held_out_first_last"] == [0.5, 0.1] and "reward_hacking" in records[0]
+    assert records[0]["held_out_curve"] == {"3": 0.1}
+    best = max(trials[1:], key=lambda t: t.value).number
+    assert f"## Held-out examples the best trial (#{best}) got wrong" in prompt
+    assert untrusted(f"SELECT {best} FROM nowhere", spec.proposer.quote_chars) in prompt
+    assert "How many customers?" not in prompt  # a match is no mistake
+    # The artifact store lists every trial's files and every Job's pod log, and serves them.
+    store, storage = open_artifact_store(spec), make_storage(spec)
+    for trial in trials:
+        metas = {m.filename: m for m in get_all_artifact_meta(trial, storage=storage)}
+        assert set(metas) == TRIAL_FILES, trial.number
+        download_artifact(artifact_store=store, artifact_id=metas["metrics.jsonl"].artifact_id,
+                          file_path=str(tmp_path / f"metrics-{trial.number}.jsonl"))
+        points = [json.loads(line) for line in (tmp_path / f"metrics-{trial.number}.jsonl").read_text().splitlines()]
+        assert [p["reward_mean"] for p in points if p["phase"] == "rl"] == [0.1, 0.5, 0.9]
+    # The study's own: the study file the controller ran, and each Job's pod log (its trial was told before).
+    assert {m.filename for m in get_all_artifact_meta(study)} == {path.name} | {f"{job}.log" for job in kubelet.seen}
 
 
 def test_make_launcher_picks_kubernetes(setup: Setup) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -76,17 +77,19 @@ def test_the_call_cap_holds_and_status_shows_calls_tokens_and_cost(
 
 def test_the_report_says_who_found_what_and_flags_reward_hacking(tmp_path: Path, server: LLMServer) -> None:
     server.script = [reply([proposal(0.999, rationale="push x to the top")], hypotheses="accuracy rises with x")]
-    path = write_study(tmp_path, proposer_section("gemini-v1beta", server), n_trials=3)
+    path = write_study(tmp_path, proposer_section("gemini-v1beta", server), objective="reward_rises_held_out_falls",
+                       n_trials=3)
     _, trials, study = run(path)
-    # Trial 0's training reward rose while its held-out accuracy fell after the warm-up.
-    points = [{"phase": "untrained", "step": 0, "untrained_execution_accuracy": 0.0}, {"phase": "sft", "step": 0},
-              {"phase": "rl", "step": 0, "reward_mean": 0.2}, {"phase": "eval", "step": 2, "eval_execution_accuracy": 0.5},
-              {"phase": "rl", "step": 1, "reward_mean": 0.9}, {"phase": "eval", "step": 4, "eval_execution_accuracy": 0.3}]
-    Path(trials[0].user_attrs["run_dir"], "metrics.jsonl").write_text("".join(json.dumps(p) + "\n" for p in points))
+    # The report reads the study's storage: the trial folders (a cluster's are in pods, gone) are not needed.
+    shutil.rmtree(load_spec(path).run_folder / "trials")
     text = write_report(load_spec(path), study, tmp_path / "report").read_text()
     assert "| llm | 1 | 1 | 0.9990 | #1 |" in text and "| sampler | 2 | 2 |" in text
     assert "push x to the top" in text and "accuracy rises with x" in text
-    assert "| #0 | sampler | training reward rose 0.200 -> 0.900 while held-out accuracy fell 0.500 -> 0.300 |" in text
+    # The objective's curves are a reward-hacked trial's exactly when x > 0.5: the LLM's 0.999, and any sampler's.
+    evidence = "training reward rose 0.200 -> 0.900 while held-out accuracy fell 0.500 -> 0.300"
+    for t in trials:
+        flagged = f"| #{t.number} | {t.user_attrs['proposer']} | {evidence} |" in text
+        assert flagged == (t.params["x"] > 0.5), t.number
 
 
 def test_the_report_hides_optunas_warning_about_tied_importances(study_file: StudyFactory, tmp_path: Path) -> None:

@@ -13,10 +13,11 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from autoresearch.params import distributions
-from autoresearch.hacking import reward_hacking
+from autoresearch.hacking import curves_attr, curves_of, reward_hacking
 from autoresearch.proposers.prompt import CLOSE, OPEN, build_prompt, reply_schema, untrusted
 from autoresearch.proposers.scheduler import is_llm_slot
 from autoresearch.proposers.validate import Rejected, check, duplicate_of
+from autoresearch.recording import wrong_predictions
 from autoresearch.spec import load_spec
 from tests.autoresearch.conftest import StudyFactory
 
@@ -112,8 +113,8 @@ def test_the_reply_schema_has_only_space_fields() -> None:
 
 
 def _trial_with_curves(tmp_path: Path, points: list[dict]) -> optuna.trial.FrozenTrial:
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(p) + "\n" for p in points))
-    return optuna.trial.create_trial(value=0.1, user_attrs={"run_dir": str(tmp_path)})
+    """A trial whose worker recorded these points' curves (as its mirror of ``metrics.jsonl`` does)."""
+    return optuna.trial.create_trial(value=0.1, user_attrs={"curves": curves_attr(curves_of(points))})
 
 
 def test_reward_hacking_needs_the_reward_up_and_held_out_down(tmp_path: Path) -> None:
@@ -128,6 +129,9 @@ def test_reward_hacking_needs_the_reward_up_and_held_out_down(tmp_path: Path) ->
                                            {"phase": "eval", "step": 2, "eval_execution_accuracy": 0.2}])
     assert reward_hacking(warmed) is None
     assert reward_hacking(optuna.trial.create_trial(value=0.1)) is None
+    # A trial of an earlier autoresearch left its curves in a folder: not read, so not judged.
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(p) + "\n" for p in [untrained, *rl]))
+    assert reward_hacking(optuna.trial.create_trial(value=0.1, user_attrs={"run_dir": str(tmp_path)})) is None
 
 
 def test_after_a_warm_up_the_after_sft_evaluation_is_the_reference(tmp_path: Path) -> None:
@@ -149,7 +153,7 @@ def test_sample_predictions_of_the_best_trial_are_quoted_as_untrusted(study_file
             {"question": "Total sales?", "prediction": "SELECT SUM(total) FROM orders", "verdict": "match"}]
     (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     best = optuna.trial.create_trial(params={"x": 0.5}, distributions=distributions(spec), value=0.5,
-                                     user_attrs={"run_dir": str(tmp_path)})
+                                     user_attrs={"wrong_predictions": wrong_predictions(tmp_path / "predictions.jsonl")})
     prompt = build_prompt(spec, distributions(spec), [best], None, 2)
     quoted = [line for line in prompt.user.splitlines() if "How many orders?" in line]
     assert len(quoted) == 1 and "Total sales?" not in prompt.user  # matches are not quoted

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ from autoresearch.report import MIN_TRIALS_FOR_IMPORTANCES, _save, write_report
 from autoresearch.review import METRIC_NAME, trial_note
 from autoresearch.spec import load_spec
 from autoresearch.study import Tally, open_study
-from autoresearch.worker import step_progress
+from autoresearch.trial.outputs import draw_learning_curve
+from autoresearch.recording import PROGRESS_ATTR, MetricsMirror, step_progress
 from tests.autoresearch.conftest import StudyFactory
 
 
@@ -102,6 +104,21 @@ def test_each_metrics_point_says_where_the_trial_is(point: dict[str, Any], expec
 def test_without_warm_up_the_untrained_evaluation_starts_rl() -> None:
     assert step_progress({"phase": "untrained", "step": 0}, 0, 4) == {"phase": "rl", "step": 0, "of": 4, "done": 0,
                                                                       "total": 4}
+
+
+def test_an_unreadable_metrics_line_is_skipped_and_the_mirror_goes_on(tmp_path: Path) -> None:
+    """The objective writes the file: a line of garbage must not end the thread that copies the curves."""
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}")
+    trial = optuna.create_study(storage=storage).ask()
+    metrics = tmp_path / "metrics.jsonl"
+    mirror = MetricsMirror(storage, trial._trial_id, metrics, {"sft_steps": 40, "rl_steps": 4})
+    metrics.write_text('{"phase": "sft", "step": 0}\nnot json\n[1, 2]\n{"step": 3}\n')
+    mirror.copy()
+    with metrics.open("a") as out:
+        out.write('{"phase": "sft", "step": 5}\n')
+    mirror.copy()
+    assert [p["step"] for p in mirror.points] == [0, 5]
+    assert storage.get_trial(trial._trial_id).user_attrs[PROGRESS_ATTR]["step"] == 6
 
 
 def _trial(number: int, state: TrialState, **attrs: Any) -> FrozenTrial:
@@ -213,6 +230,33 @@ def test_step_axes_get_whole_number_ticks(tmp_path: Path) -> None:
     _save(ax, tmp_path / "curve.png", integer_x=True)
     ticks = [t for t in ax.get_xticks() if 0 <= t <= 1]
     assert ticks == [0, 1]
+
+
+def test_a_trials_learning_curve_ticks_whole_steps() -> None:
+    points = [{"phase": "rl", "step": 0, "reward_mean": 0.1}, {"phase": "rl", "step": 1, "reward_mean": 0.3},
+              {"phase": "eval", "step": 2, "eval_execution_accuracy": 0.25}]
+    ax = draw_learning_curve(points)
+    low, high = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if low <= t <= high]
+    assert ticks == [0, 1, 2]
+    pyplot().close(ax.figure)
+
+
+def test_a_trial_of_an_earlier_autoresearch_with_curves_in_files_only_is_noted_not_read(
+        study_file: StudyFactory, tmp_path: Path) -> None:
+    spec = load_spec(study_file())
+    study = open_study(spec, create=True)
+    folder = tmp_path / "old-trial"
+    folder.mkdir()
+    hacked = [{"phase": "untrained", "step": 0, "untrained_execution_accuracy": 0.5},
+              {"phase": "rl", "step": 0, "reward_mean": 0.1}, {"phase": "rl", "step": 1, "reward_mean": 0.9},
+              {"phase": "eval", "step": 2, "eval_execution_accuracy": 0.0}]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(p) + "\n" for p in hacked))
+    study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, params={"x": 0.5}, distributions=distributions(spec),
+                                              user_attrs={"run_dir": str(folder)}))
+    text = write_report(spec, study, tmp_path / "report").read_text()
+    assert "## Possible reward hacking\n\nNone found among the trials checked." in text
+    assert "Not checked: #0, recorded by an earlier autoresearch" in text and "training reward rose" not in text
 
 
 def test_a_note_says_why_the_sampler_took_an_llm_slot_and_what_a_retry_retries() -> None:

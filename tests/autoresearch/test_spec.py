@@ -12,6 +12,7 @@ from autoresearch.trial.data import load_examples
 from env.text2sql.data import generate
 from autoresearch.params import distributions, split_params
 from autoresearch.spec import SpecError, load_spec
+from autoresearch.trainer_service import base_model_path
 
 STUDIES = Path(__file__).resolve().parents[2] / "studies"
 
@@ -94,6 +95,13 @@ high = 1000
         (MINIMAL + '[fixed]\n"reward.executes" = 3.0\n', "fixed: invalid reward config: executes: Input should be less than"),
         (MINIMAL + '[proposer]\ntype = "gemini"\nmodel = "m"\napi_key = "AIza-secret"\n',
          "proposer.api_key: must be 'env:NAME'"),
+        (MINIMAL + 'artifact_store = "ftp://host/artifacts"\n',
+         "artifact_store: 'ftp://host/artifacts': a bucket is gs://BUCKET or s3://BUCKET"),
+        (MINIMAL + 'artifact_store = "gs://bucket/studies/a"\n', "artifact_store: 'gs://bucket/studies/a': name the bucket alone"),
+        (MINIMAL + 'artifact_store = " "\n', "artifact_store: must name a folder, gs://BUCKET or s3://BUCKET"),
+        (MINIMAL + 'artifact_store = "env:BUCKET"\n', "artifact_store: takes no env: value"),
+        (MINIMAL + '[training.tiny_model]\nhidden_size = 100\n', "training.tiny_model.hidden_size: Input should be a multiple of 32"),
+        (MINIMAL + '[training.tiny_model]\nlayers = 4\n', "training.tiny_model.layers: Extra inputs are not permitted"),
         ('name = "x"\n[budget\n', "not valid TOML"),
     ],
 )
@@ -161,3 +169,15 @@ def test_shipped_studies_are_valid(name: str, capsys: pytest.CaptureFixture[str]
     assert main(["run", str(STUDIES / name), "--dry-run"]) == 0
     captured = capsys.readouterr()
     assert "learning_rate" in captured.err and captured.out == ""  # a local study has no manifests for stdout
+
+
+def test_the_tiny_model_is_made_at_the_study_files_size_and_reused(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, MINIMAL + "[training.tiny_model]\nhidden_size = 96\nnum_layers = 1\n"))
+    folder = Path(base_model_path(spec))
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"]) == (96, 1)
+    made = (folder / "config.json").stat().st_mtime_ns
+    assert base_model_path(spec) == str(folder) and (folder / "config.json").stat().st_mtime_ns == made
+    # Another size is another model, never the one already in the run folder.
+    other = load_spec(write(tmp_path, MINIMAL + "[training.tiny_model]\nhidden_size = 64\nnum_layers = 1\n"))
+    assert json.loads((Path(base_model_path(other)) / "config.json").read_text())["hidden_size"] == 64

@@ -91,8 +91,17 @@ def test_tiny_study_trains_through_the_training_api(tmp_path: Path, capsys: pyte
             assert point["ci"] == trial.user_attrs[f"{prefix}execution_accuracy_ci"]
             assert point["n_eval"] == trial.user_attrs["n_eval"]
         assert len((run_dir / "predictions.jsonl").read_text().splitlines()) == spec.dataset.n_eval
+        # What the report and the LLM read is in the storage, copied there by the worker from this folder.
+        assert trial.user_attrs["trial_dir"] == f"trials/{trial.number:05d}"
+        assert trial.user_attrs["curves"]["train"] == [r for r in rl_rewards if r is not None]
+        assert trial.user_attrs["curves"]["held"] == [points[2]["eval_execution_accuracy"], trial.value]
+        rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+        wrong = [r["question"] for r in rows if r["verdict"] not in ("match", "gold_error")][:3]
+        assert [w["question"] for w in trial.user_attrs.get("wrong_predictions", [])] == wrong
     assert len({t.user_attrs["eval_examples_sha256"] for t in done}) == 1  # the same held-out examples, so paired
-    assert (spec.run_folder / "tiny-model" / "config.json").exists()
+    size = spec.training.tiny_model  # the model was made at the study file's size
+    config = json.loads((spec.run_folder / f"tiny-model-h{size.hidden_size}-l{size.num_layers}" / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"]) == (size.hidden_size, size.num_layers)
     capsys.readouterr()
     assert main(["status", str(path)]) == 0
     assert "held-out accuracy, 95% CI, n=" in capsys.readouterr().out

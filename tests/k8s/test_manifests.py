@@ -292,6 +292,35 @@ def test_trial_jobs_from_the_study_use_the_controllers_image_and_documented_secr
     assert {ref[:2] for ref in refs.values()} <= documented_secrets()
 
 
+WORKLOAD_IDENTITY = "iam.gke.io/gcp-service-account"
+
+
+@pytest.mark.parametrize("kustomization", OVERLAYS_ON_GKE)
+def test_trials_the_controller_and_the_dashboard_reach_the_studys_bucket_through_workload_identity(
+        kustomization: str) -> None:
+    objects = render(kustomization)
+    spec = load_spec(GKE_STUDY)
+    scheme, _, bucket = (spec.artifact_store or "").partition("://")
+    assert scheme == "gs", "the GKE study keeps its artifacts in a bucket the pods share"
+    trial = pod_spec(job_manifest(spec, number=0, attempt=0, trainer_url=spec.training.api))
+    dashboard = find(objects, "Deployment", "optuna-dashboard")
+    controller = find(objects, "Job", "autoresearch-controller")
+    accounts = {name: find(objects, "ServiceAccount", name)["metadata"]["annotations"][WORKLOAD_IDENTITY]
+                for name in (trial["serviceAccountName"], pod_spec(dashboard)["serviceAccountName"],
+                             pod_spec(controller)["serviceAccountName"])}
+    assert set(accounts) == {"autoresearch", "autoresearch-controller"}
+    [google_account] = set(accounts.values())
+    assert re.fullmatch(r"[a-z][-a-z0-9]*@[-A-Z_a-z0-9]+\.iam\.gserviceaccount\.com", google_account)
+    assert trial["automountServiceAccountToken"] is False  # an identity for the bucket, no Kubernetes API rights
+    # The dashboard reads its artifact store from its --from-config file, which names the study's bucket.
+    container = pod_spec(dashboard)["containers"][0]
+    [config_path] = [a.split("=", 1)[1] for a in container["args"] if a.startswith("--from-config=")]
+    mount = next(m for m in container["volumeMounts"] if config_path.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in pod_spec(dashboard)["volumes"] if v["name"] == mount["name"])
+    config = find(objects, "ConfigMap", volume["configMap"]["name"])["data"][config_path.rsplit("/", 1)[1]]
+    assert tomllib.loads(config) == {"artifact_store": {"gcs": {"bucket_name": bucket}}}
+
+
 @pytest.mark.parametrize("kustomization", OVERLAYS_ON_GKE)
 def test_gke_puts_the_training_api_on_a_gpu_node_and_pins_images_and_disks(kustomization: str) -> None:
     objects = render(kustomization)
@@ -336,7 +365,7 @@ def test_cloudsql_replaces_the_statefulset_behind_the_same_service() -> None:
 
 
 @pytest.mark.parametrize(("name", "install", "entrypoint"), [
-    ("autoresearch.Dockerfile", ".", ["autoresearch"]),
+    ("autoresearch.Dockerfile", "'.[gcs]'", ["autoresearch"]),
     ("trainer-api.Dockerfile", "'.[trainer,vllm]'", ["python", "-m", "trainer_api", "serve"]),
 ])
 def test_images_install_this_repository_and_run_as_the_manifests_uid(name: str, install: str,
