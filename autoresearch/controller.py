@@ -27,7 +27,7 @@ from .reaping import adopt_running, fail_trial, reap_stale
 from .review import record_study_context, write_trial_note
 from .spec import StudySpec
 from .study import Tally, make_storage, open_study, record_study_file, retry_failed_trials, tally
-from .trainer_service import TrainerService, check_reachable, start_trainer
+from .trainer_service import TrainerService, start_trainer
 from .recording import PROGRESS_ATTR
 
 PROGRESS_S = 1.0
@@ -60,10 +60,10 @@ def _trainer(spec: StudySpec) -> Iterator[str | None]:
     if spec.training.api == "none":
         yield None
     elif spec.training.api != "local":
-        check_reachable(spec.training.api)
         from .trial.service_routes import check_service
 
-        check_service(spec.training.api, spec.training.api_key)  # a refused key would fail every trial
+        # Once, before any trial is asked: a dead URL or a refused key would fail every trial and spend the budget.
+        check_service(spec.training.api, spec.training.api_key, fix="start it or fix [training] api in the study file")
         yield spec.training.api
     else:
         service: TrainerService = start_trainer(spec)

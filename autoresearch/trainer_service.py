@@ -25,22 +25,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 class TrainerStartError(RuntimeError):
-    """The training service cannot be used: the local one did not start (the message says where its log
-    is), or the given URL does not answer."""
-
-
-def check_reachable(url: str, timeout_s: float = 5.0) -> None:
-    """Fail once, before any trial is asked, when a given training API does not answer.
-
-    Otherwise every trial would fail on its first call and use up the budget.
-    Any HTTP answer counts (another Tinker-compatible server may lack our
-    health route); only a connection that cannot be made is an error.
-    """
-    try:
-        httpx.get(f"{url.rstrip('/')}/api/v1/healthz", timeout=timeout_s)
-    except httpx.TransportError as error:
-        raise TrainerStartError(f"the training API at {url} is not reachable ({type(error).__name__}: {error}); "
-                                "start it or fix [training] api in the study file") from None
+    """The local training service did not start (the message says where its log is)."""
 
 
 @dataclass

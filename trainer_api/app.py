@@ -32,14 +32,21 @@ MAX_SWEEP_INTERVAL_SECONDS = 30.0
 
 
 def forget_finished_sessions(service: Service, retention: float, now: float | None = None) -> list[str]:
-    """Drop sessions finished and silent for ``retention`` seconds, with their samplers, so that a
-    long-lived service does not keep every session it ever saw; their checkpoints stay on disk."""
+    """Drop sessions finished and silent for ``retention`` seconds, with their samplers and the unnamed
+    weights only those samplers served, so that a long-lived service does not keep every session it ever
+    saw; their checkpoints stay on disk."""
     cutoff = (now if now is not None else time.time()) - retention
     gone = [s for s in list(service.sessions.values()) if s.finished is not None and s.last_heartbeat < cutoff]
+    unreachable: set[str] = set()
     for session in gone:
         del service.sessions[session.session_id]
         for sampler_id in session.sampler_ids:
-            service.samplers.pop(sampler_id, None)
+            sampler = service.samplers.pop(sampler_id, None)
+            if sampler is not None:
+                unreachable.add(sampler.snapshot_key)
+    unreachable -= {sampler.snapshot_key for sampler in service.samplers.values()}
+    if unreachable:
+        service.engine.forget_snapshots(unreachable)
     return [s.session_id for s in gone]
 
 

@@ -30,7 +30,7 @@ from concurrent.futures import Future
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 import numpy as np
 import torch
@@ -554,9 +554,12 @@ class Engine:
             entry = None
         dropped: list[_Spilled] = []
         with self._lock:
-            self._spilling.pop(key, None)
+            wanted = self._spilling.pop(key, None) is not None  # not forgotten while the file was written
             if entry is not None:
-                self._spilled[key] = entry
+                if wanted:
+                    self._spilled[key] = entry
+                else:
+                    dropped.append(entry)
             total = sum(e.size for e in self._spilled.values())
             while total > self.limits.max_spill_bytes and self._spilled:
                 _, gone = self._spilled.popitem(last=False)
@@ -564,6 +567,23 @@ class Engine:
                 dropped.append(gone)
         for gone in dropped:
             gone.path.unlink(missing_ok=True)
+
+    def forget_snapshots(self, keys: Iterable[str]) -> None:
+        """Drop unnamed snapshots that no sampler can reach any more (their sessions were forgotten), from
+        memory and from the spill directory, which would otherwise hold them until its byte cap pushed them out.
+        Named snapshots are checkpoints: they stay on disk and may still be loaded by path."""
+        gone: list[_Spilled] = []
+        with self._lock:
+            for key in keys:
+                if key == BASE_SNAPSHOT or key.startswith("tinker://"):
+                    continue
+                self._snapshots.pop(key, None)
+                self._spilling.pop(key, None)
+                spilled = self._spilled.pop(key, None)
+                if spilled is not None:
+                    gone.append(spilled)
+        for entry in gone:
+            entry.path.unlink(missing_ok=True)
 
     def sample(self, snap: Snapshot, task: SampleTask) -> Future:
         """Queue a sample request; queued requests for the same weights are generated as one batch."""

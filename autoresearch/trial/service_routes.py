@@ -15,8 +15,10 @@ class TrainingServiceError(RuntimeError):
     from the SDK: ``run_trial`` raises it before any training starts."""
 
 
-def check_service(url: str, api_key: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
-    """Fail within ``timeout_s`` seconds, with one line, unless ``url`` answers and accepts ``api_key``.
+def check_service(url: str, api_key: str, timeout_s: float = PROBE_TIMEOUT_S, fix: str = "check trainer_url") -> None:
+    """Fail within ``timeout_s`` seconds, with one line, unless ``url`` answers and accepts ``api_key``; an
+    unreachable service's message ends with ``fix``, what the caller can change (the controller names the
+    study file's ``[training] api``).
 
     The SDK would retry a dead URL for minutes, silently, and a refused key ends in a long traceback. The
     probe is the capabilities route every Tinker-compatible service has, sent with the key: no answer is a
@@ -30,7 +32,7 @@ def check_service(url: str, api_key: str, timeout_s: float = PROBE_TIMEOUT_S) ->
         response = httpx.get(f"{base}/api/v1/get_server_capabilities", headers={"X-API-Key": api_key}, timeout=timeout_s)
     except httpx.TransportError as error:
         raise TrainingServiceError(f"the training service at {url} is not reachable within {timeout_s:g} s "
-                                   f"({type(error).__name__}: {error or 'no answer'}); check trainer_url") from None
+                                   f"({type(error).__name__}: {error or 'no answer'}); {fix}") from None
     if response.status_code in (401, 403):
         try:
             detail = response.json().get("detail") or response.json().get("error")
@@ -38,7 +40,6 @@ def check_service(url: str, api_key: str, timeout_s: float = PROBE_TIMEOUT_S) ->
             detail = response.text[:200]
         raise TrainingServiceError(f"the training service at {url} refused the API key "
                                    f"(HTTP {response.status_code}: {detail}); pass api_key=... or fix [training] api_key")
-
 
 
 def device_usage(url: str, api_key: str, model_id: str) -> dict[str, Any]:

@@ -148,7 +148,8 @@ def test_an_unreachable_training_api_is_one_error_line_before_any_trial(
     path = write(tmp_path, MINIMAL + f'[training]\napi = "{url}"\n[dataset]\nsource = "synthetic:retail"\n')
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: the training API at {url} is not reachable") and err.count("\n") == 1
+    assert err.startswith(f"error: the training service at {url} is not reachable") and err.count("\n") == 1
+    assert err.rstrip().endswith("start it or fix [training] api in the study file")
     assert main(["status", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["trials"] == []
 

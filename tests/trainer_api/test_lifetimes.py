@@ -99,6 +99,33 @@ def test_finished_sessions_are_forgotten_after_the_retention_and_live_ones_kept(
     assert alice.get(f"/api/v1/sessions/{live}").status_code == 200
 
 
+def test_a_forgotten_sessions_unnamed_sampler_weights_leave_memory_and_disk(service, tmp_path):
+    """Without this, a long-lived service would keep every session's snapshots until the spill cap pushed
+    them out. The snapshot is first pushed out of memory to its spill file, so both places are checked."""
+    from trainer_api.exceptions import NotFound
+
+    keys = tmp_path / "keys"
+    keys.write_text("tml-dave-lifetimes dave\n")
+    app = create_app(service, load_keyring(keys, {}), session_timeout=None, run_caps=RunCaps(per_key=None, total=None))
+    dave = client(app, "tml-dave-lifetimes")
+    session = new_session(dave)
+    model_id = result(dave, create_model(dave, service, session, 0))["model_id"]
+    saved = dave.post("/api/v1/save_weights_for_sampler", json={"model_id": model_id, "sampling_session_seq_id": 0})
+    key = service.samplers[result(dave, saved)["sampling_session_id"]].snapshot_key
+    engine, spill = service.engine, service.engine._spill_dir
+    file = f"{engine.snapshot(key).snapshot_id}.safetensors"
+    for _ in range(engine.limits.max_snapshots):  # other weights push it out of memory, into its spill file
+        engine.save_for_sampler(model_id, None, None, None).result()
+    assert file in {path.name for path in spill.iterdir()}
+    assert f"{engine.snapshot(key).snapshot_id}.safetensors" == file  # read back while a sampler can reach it
+    result(dave, dave.post("/api/v1/unload_model", json={"model_id": model_id}))
+    assert dave.post(f"/api/v1/sessions/{session}/finish", json={}).status_code == 200
+    sweep(service, None, retention=3600.0, now=time.time() + 3601.0)
+    with pytest.raises(NotFound):
+        engine.snapshot(key)
+    assert file not in {path.name for path in spill.iterdir()}
+
+
 def test_unclaimed_results_expire_on_an_idle_service(service):
     done: Future = Future()
     done.set_result(None)
