@@ -72,6 +72,20 @@ def _engine_cores(srv: ServiceProcess) -> list:
     return cores
 
 
+def _wait_until_generating(core, timeout_s: float = 60.0) -> None:
+    """Until the engine process burns CPU, that is, generates: a request still on its way through the service
+    when the engine dies meets a known-dead engine, is served by its replacement, and does not fail (a fixed
+    sleep made that race: one clean-clone run saw the request succeed). 16 x 1,000 tokens take about 6 s."""
+    def busy() -> float:
+        times = core.cpu_times()
+        return times.user + times.system
+
+    start, deadline = busy(), time.monotonic() + timeout_s
+    while busy() - start < 0.3:
+        assert time.monotonic() < deadline, "the engine never started generating"
+        time.sleep(0.05)
+
+
 def _sample(sampler, prompt: list[int]):
     seq = sampler.sample(types.ModelInput.from_ints(prompt), 1, PARAMS).result(timeout=120).sequences[0]
     return seq.tokens, seq.logprobs
@@ -114,7 +128,7 @@ def test_a_killed_engine_fails_only_the_request_in_flight_and_is_replaced(vllm_s
     descendants.update(p.pid for p in _descendants(srv))
     in_flight: Future = sampler.sample(types.ModelInput.from_ints(prompt), 16,
                                        types.SamplingParams(max_tokens=1000, seed=1, stop=[]))
-    time.sleep(1.0)
+    _wait_until_generating(core)
     os.kill(core.pid, signal.SIGKILL)
     with pytest.raises(tinker.RequestFailedError, match="vLLM engine failed and was restarted; retry the request"):
         in_flight.result(timeout=300)
