@@ -30,7 +30,7 @@ from concurrent.futures import Future
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -401,15 +401,19 @@ class Engine:
         ref = checkpoint_ref(model_id, "weights", name)
         return self._call(model_id, lambda: self._save(tenant, ref, True, overwrite, user_metadata, ttl_seconds))
 
-    def save_external(self, model_id: str, name: str, ttl_seconds: int | None = None) -> Future:
-        """Export the adapter as a standard PEFT directory; resolves to (tinker:// path, size in bytes)."""
+    def save_external(
+        self, model_id: str, name: str, ttl_seconds: int | None = None, recipients: Sequence[Any] = ()
+    ) -> Future:
+        """Export the adapter as a standard PEFT directory, its files encrypted to ``recipients`` (parsed age
+        recipients, ``checkpoints.age_recipients``) when there are any; resolves to (tinker:// path, size in bytes).
+        Both happen in one job, so the request resolves only once the export is as the client asked."""
         tenant = self.tenant(model_id)
         ref = checkpoint_ref(model_id, "external_weights", name)
 
         def run() -> tuple[str, int]:
             meta = {"base_model": self.model_name, "lora": tenant.lora.to_json(), "steps": tenant.steps}
             path = self.store.save_external(ref, self._adapter_state(tenant), tenant.lora.peft_json(self.model_name), meta, ttl_seconds)
-            return path, self.store.size(ref)
+            return path, self.store.encrypt_export(ref, list(recipients)) if recipients else self.store.size(ref)
 
         return self._call(model_id, run)
 

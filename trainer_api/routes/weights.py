@@ -4,8 +4,6 @@ its own checkpoints, into its own adapters."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
-from concurrent.futures import Future
 from typing import Any
 
 from fastapi import APIRouter
@@ -37,32 +35,6 @@ def refuse_over_quota(view: TenantView, model: LiveModel, kind: str, name: str, 
     """
     adapter_bytes = sum(p.numel() * p.element_size() for p in model.params)
     view.engine.store.check_quota(checkpoint_ref(model.model_id, kind, name), adapter_bytes, overwrite)
-
-
-def then(future: Future, fn: Callable[[Any], Any]) -> Future:
-    """A future of ``fn(result)``, run where ``future`` completes (the engine's worker), failing as either fails.
-
-    ``fn`` runs even when the caller has cancelled the returned future meanwhile: what it finishes (encrypting
-    an export already written) must not be left half done. Cancelling the returned future cancels ``future``
-    too while it is still queued.
-    """
-    out: Future = Future()
-
-    def chain(done: Future) -> None:
-        error: BaseException | None = None
-        try:
-            result = fn(done.result())
-        except BaseException as exc:  # the worker's own exception, or fn's
-            result, error = None, exc
-        if out.set_running_or_notify_cancel():
-            if error is None:
-                out.set_result(result)
-            else:
-                out.set_exception(error)
-
-    out.add_done_callback(lambda f: f.cancelled() and future.cancel())
-    future.add_done_callback(chain)
-    return out
 
 
 @router.post("/api/v1/save_weights")
@@ -101,10 +73,7 @@ def save_weights_external(body: SaveExternalBody, view: Owned) -> dict[str, Any]
     model = view.model(body.model_id)
     recipients = age_recipients(body.age_encryption_recipients or [])
     refuse_over_quota(view, model, "external_weights", body.path, overwrite=False)
-    future = view.engine.save_external(body.model_id, body.path, body.ttl_seconds)
-    if recipients:
-        ref, store = checkpoint_ref(body.model_id, "external_weights", body.path), view.engine.store
-        future = then(future, lambda out: (out[0], store.encrypt_export(ref, recipients)))
+    future = view.engine.save_external(body.model_id, body.path, body.ttl_seconds, recipients)
     return view.submit(
         future, lambda out: {"type": "save_weights_external", "path": out[0], "size_bytes": out[1]},
         "save_weights_external", model_id=body.model_id,
